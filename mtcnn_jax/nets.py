@@ -1,0 +1,155 @@
+"""P-Net, R-Net and O-Net as in the released MTCNN models, and pure functions to run them.
+
+The Flax modules only describe the layers; users call the pure functions `pnet(params, x)`,
+`rnet(params, x)` and `onet(params, x)` with an explicit param tree. Inputs are float32 NHWC
+images normalised by `normalize` (RGB, (pixel - 127.5) * 0.0078125). Each net returns a dict with
+"logits" (..., 2) (index 1 = face), "box" (..., 4) = (dx1, dy1, dx2, dy2) and, for O-Net,
+"landmarks" (..., 10) = (x1..x5, y1..y5), the last two relative to the input window.
+
+The released weights were trained on transposed (MATLAB column-major) images; `pretrained.py`
+folds that transpose into the weights, so these nets take ordinary row-major images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a nested dict of arrays, one per net
+
+INPUT_SIZE = {"pnet": 12, "rnet": 24, "onet": 48}
+
+
+def normalize(images_uint8: jax.Array) -> jax.Array:
+    """uint8 (or float) RGB pixels to the nets' input range, as in detect_face.m."""
+    return (jnp.asarray(images_uint8, jnp.float32) - 127.5) * 0.0078125
+
+
+def face_probability(logits: jax.Array) -> jax.Array:
+    """Softmax probability of the face class (index 1) from (..., 2) logits."""
+    return jax.nn.softmax(logits, axis=-1)[..., 1]
+
+
+class PReLU(nn.Module):
+    """PReLU with one learned slope per channel, as in the Caffe models (flax's has one scalar)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],))
+        return jnp.where(x >= 0, x, alpha * x)
+
+
+def max_pool_ceil(x_NxHxWxC: jax.Array, window: int, stride: int) -> jax.Array:
+    """Caffe max pooling: ceil((n - k) / s) + 1 outputs, the last window running off the edge.
+
+    Caffe rounds the output size up where most frameworks round down; the windows that overhang
+    the bottom/right edge see only real pixels (padding with -inf).
+    """
+    pads = []
+    for n in x_NxHxWxC.shape[-3:-1]:
+        out = math.ceil(max(n - window, 0) / stride) + 1
+        pads.append((0, max((out - 1) * stride + window - n, 0)))
+    return nn.max_pool(x_NxHxWxC, (window, window), (stride, stride), padding=pads)
+
+
+class ConvPReLU(nn.Module):
+    """A valid (unpadded) stride-1 convolution followed by a per-channel PReLU."""
+
+    features: int
+    kernel: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="VALID", name="conv")(x)
+        return PReLU(name="prelu")(x)
+
+
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, a 12x12 window every 2 pixels (det1.prototxt)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+        x = ConvPReLU(10, 3, name="conv1")(x)
+        x = max_pool_ceil(x, 2, 2)
+        x = ConvPReLU(16, 3, name="conv2")(x)
+        x = ConvPReLU(32, 3, name="conv3")(x)
+        return {"logits": nn.Conv(2, (1, 1), name="cls")(x), "box": nn.Conv(4, (1, 1), name="box")(x)}
+
+
+class RNet(nn.Module):
+    """Refinement net on 24x24 crops (det2.prototxt)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+        x = max_pool_ceil(ConvPReLU(28, 3, name="conv1")(x), 3, 2)
+        x = max_pool_ceil(ConvPReLU(48, 3, name="conv2")(x), 3, 2)
+        x = ConvPReLU(64, 2, name="conv3")(x)
+        x = x.reshape(x.shape[:-3] + (-1,))  # (..., 3*3*64 = 576), row-major (h, w, c)
+        x = PReLU(name="prelu4")(nn.Dense(128, name="fc4")(x))
+        return {"logits": nn.Dense(2, name="cls")(x), "box": nn.Dense(4, name="box")(x)}
+
+
+class ONet(nn.Module):
+    """Output net on 48x48 crops, with the 5 landmarks (det3.prototxt)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+        x = max_pool_ceil(ConvPReLU(32, 3, name="conv1")(x), 3, 2)
+        x = max_pool_ceil(ConvPReLU(64, 3, name="conv2")(x), 3, 2)
+        x = max_pool_ceil(ConvPReLU(64, 3, name="conv3")(x), 2, 2)
+        x = ConvPReLU(128, 2, name="conv4")(x)
+        x = x.reshape(x.shape[:-3] + (-1,))  # (..., 3*3*128 = 1152), row-major (h, w, c)
+        x = nn.Dense(256, name="fc5")(x)
+        x = nn.Dropout(0.25, deterministic=deterministic)(x)  # det3.prototxt: drop5 before prelu5
+        x = PReLU(name="prelu5")(x)
+        return {
+            "logits": nn.Dense(2, name="cls")(x),
+            "box": nn.Dense(4, name="box")(x),
+            "landmarks": nn.Dense(10, name="landmarks")(x),
+        }
+
+
+MODULES = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+
+
+def _apply(stage: str, params: Params, x: jax.Array, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return MODULES[stage].apply({"params": params}, x, deterministic=dropout_rng is None, rngs=rngs)
+
+
+def pnet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """P-Net on (N, H, W, 3) normalised images, H, W >= 12: maps of (N, H', W', 2|4), one cell
+    per 12x12 window at stride 2. `dropout_rng` is accepted for a uniform signature (P-Net has none)."""
+    return _apply("pnet", params, x, dropout_rng)
+
+
+def rnet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """R-Net on (N, 24, 24, 3) normalised crops: logits (N, 2), box (N, 4). No dropout."""
+    return _apply("rnet", params, x, dropout_rng)
+
+
+def onet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """O-Net on (N, 48, 48, 3) normalised crops: logits (N, 2), box (N, 4), landmarks (N, 10).
+    Dropout (p = 0.25) is on only when a `dropout_rng` is given, i.e. in training."""
+    return _apply("onet", params, x, dropout_rng)
+
+
+NETS: dict[str, Callable[..., dict[str, jax.Array]]] = {"pnet": pnet, "rnet": rnet, "onet": onet}
+
+
+def init_params(rng: jax.Array, stages: tuple[str, ...] = ("pnet", "rnet", "onet")) -> dict[str, Params]:
+    """Fresh param trees (Flax default initialisers, PReLU slopes 0.25) for training from scratch."""
+    out = {}
+    for stage, key in zip(stages, jax.random.split(rng, len(stages))):
+        size = INPUT_SIZE[stage]
+        out[stage] = MODULES[stage].init(key, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+    return out
+
+
+def param_count(params: Params) -> int:
+    """Number of scalars in a param tree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
