@@ -1,0 +1,230 @@
+"""Box math shared by the readable (numpy) and the jitted (jax.numpy) paths.
+
+Boxes are rows x1, y1, x2, y2 in pixel coordinates. Every function works on numpy arrays
+(returning numpy) and on jax arrays (returning jax arrays, jittable): one implementation of each
+idea, used by the study notebooks, the fixed-shape cascade and the evaluators alike.
+
+The original MTCNN (detect_face.m, nms.m) counts pixels inclusively: a box from x1 to x2 is
+x2 - x1 + 1 pixels wide. Areas and overlaps here follow that "+1" convention, as does the
+official WIDER FACE evaluation.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+Array = Any  # np.ndarray or jax.Array
+
+
+def xp_of(*arrays: Array):
+    """The array module for the inputs: jax.numpy if any is a jax array (or tracer), else numpy."""
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(a, jax.Array) for a in arrays):
+        return jax.numpy
+    return np
+
+
+def area(boxes_Nx4: Array) -> Array:
+    """Areas with the original's +1 pixel convention: (x2 - x1 + 1) * (y2 - y1 + 1)."""
+    xp = xp_of(boxes_Nx4)
+    b = xp.asarray(boxes_Nx4)
+    return (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+
+
+def iou_matrix(a_Nx4: Array, b_Mx4: Array, mode: str = "union") -> Array:
+    """Pairwise overlap (N, M) of two box sets, +1 areas as in nms.m.
+
+    mode "union": intersection / union (IoU); mode "min": intersection / min(area_a, area_b),
+    the overlap MTCNN uses for its final NMS after O-Net.
+    """
+    xp = xp_of(a_Nx4, b_Mx4)
+    a, b = xp.asarray(a_Nx4), xp.asarray(b_Mx4)
+    w = xp.maximum(0, xp.minimum(a[:, None, 2], b[None, :, 2]) - xp.maximum(a[:, None, 0], b[None, :, 0]) + 1)
+    h = xp.maximum(0, xp.minimum(a[:, None, 3], b[None, :, 3]) - xp.maximum(a[:, None, 1], b[None, :, 1]) + 1)
+    inter = w * h
+    area_a, area_b = area(a)[:, None], area(b)[None, :]
+    if mode == "union":
+        denom = area_a + area_b - inter
+    elif mode == "min":
+        denom = xp.minimum(area_a, area_b)
+    else:
+        raise ValueError(f"mode must be 'union' or 'min', got {mode!r}")
+    return inter / xp.maximum(denom, 1e-12)
+
+
+def fix(x: Array) -> Array:
+    """MATLAB's fix: round toward zero (the original truncates window and crop coordinates so)."""
+    xp = xp_of(x)
+    return xp.trunc(xp.asarray(x))
+
+
+def rank_order(scores_K: Array, valid_K: Array) -> Array:
+    """Slot order for greedy NMS and compaction: valid first, then descending score, ties by lower index.
+
+    Ties are those of a stable sort on -score. nms.m instead pops the last entry of an ascending
+    stable sort, so among exactly equal scores it takes the HIGHER index first.
+    """
+    xp = xp_of(scores_K, valid_K)
+    invalid_K = (~xp.asarray(valid_K, dtype=bool)).astype(xp.int8)
+    return xp.lexsort((-xp.asarray(scores_K), invalid_K))  # last key is the primary one
+
+
+def nms(boxes_Nx4: Array, scores_N: Array, threshold: float, mode: str = "union") -> np.ndarray:
+    """Greedy NMS (nms.m), readable numpy path: kept indices in the order they were kept.
+
+    Highest score first, equal scores lower index first (see rank_order); a box is dropped when
+    its overlap with an already kept box is > threshold (nms.m keeps `o <= threshold`).
+    """
+    boxes_Nx4, scores_N = np.asarray(boxes_Nx4), np.asarray(scores_N)
+    order = np.argsort(-scores_N, kind="stable")
+    kept = []
+    while order.size > 0:
+        i, order = order[0], order[1:]
+        kept.append(i)
+        o = iou_matrix(boxes_Nx4[i : i + 1], boxes_Nx4[order], mode)[0]
+        order = order[o <= threshold]
+    return np.asarray(kept, dtype=np.int64)
+
+
+def _fixed_point(step, x0: Array, xp) -> Array:
+    """Iterate x <- step(x) from x0 until it stops changing (lax.while_loop under jax)."""
+    if xp is np:
+        prev, x = x0, step(x0)
+        while not np.array_equal(prev, x):
+            prev, x = x, step(x)
+        return x
+    import jax
+
+    def body(carry):
+        x, _ = carry
+        new = step(x)
+        return new, xp.any(new != x)
+
+    return jax.lax.while_loop(lambda carry: carry[1], body, (x0, xp.asarray(True)))[0]
+
+
+def nms_fixed(
+    boxes_Kx4: Array, scores_K: Array, valid_K: Array, threshold: float, mode: str = "union"
+) -> Array:
+    """Exact greedy NMS over K fixed slots (jittable): a keep mask equal to `nms` on the valid slots.
+
+    In rank order, greedy keeps slot i iff it is valid and no kept earlier slot j overlaps it > t.
+    That rule fixes keep[i] from keep[:i], so it has exactly one fixed point (the greedy result),
+    and the Jacobi iteration keep <- valid & ~any(S & keep[:, None], 0) gets one more rank right
+    each round: it reaches that fixed point in at most K rounds, usually far fewer.
+    """
+    xp = xp_of(boxes_Kx4, scores_K, valid_K, threshold)
+    order_K = rank_order(scores_K, valid_K)
+    b_Kx4 = xp.asarray(boxes_Kx4)[order_K]
+    v_K = xp.asarray(valid_K, dtype=bool)[order_K]
+    k = v_K.shape[0]
+    before_KxK = xp.triu(xp.ones((k, k), dtype=bool), k=1)  # [j, i]: j ranks before i
+    s_KxK = before_KxK & v_K[:, None] & (iou_matrix(b_Kx4, b_Kx4, mode) > threshold)
+
+    def step(keep_K):
+        return v_K & ~xp.any(s_KxK & keep_K[:, None], axis=0)
+
+    keep_sorted_K = _fixed_point(step, v_K, xp)
+    return keep_sorted_K[xp.argsort(order_K)]
+
+
+def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> tuple:
+    """Move the masked-in entries to the front, by descending score, into `capacity` fixed slots.
+
+    Returns (*arrays_C, valid_C, overflow) where overflow counts the masked-in entries that did not
+    fit, so truncation is never silent. Slots beyond the valid ones are zero-filled. Jittable
+    (capacity is static).
+    """
+    xp = xp_of(mask_K, scores_K, *arrays_K)
+    mask_K = xp.asarray(mask_K, dtype=bool)
+    k = mask_K.shape[0]
+    order = rank_order(scores_K, mask_K)
+    if capacity > k:
+        order = xp.concatenate([order, xp.zeros(capacity - k, dtype=order.dtype)])
+    idx_C = order[:capacity]
+    valid_C = mask_K[idx_C] & (xp.arange(capacity) < k)
+    gathered = []
+    for a in arrays_K:
+        a_C = xp.asarray(a)[idx_C]
+        valid = valid_C.reshape(valid_C.shape + (1,) * (a_C.ndim - 1))
+        gathered.append(xp.where(valid, a_C, xp.zeros((), dtype=a_C.dtype)))
+    overflow = xp.maximum(xp.sum(mask_K) - capacity, 0)
+    return (*gathered, valid_C, overflow)
+
+
+def regress(boxes_Nx4: Array, reg_Nx4: Array, plus_one: bool) -> Array:
+    """Box regression (bbreg.m): boxes + reg * [w, h, w, h].
+
+    w = x2 - x1 (+1 when plus_one). The original calls it with w = x2 - x1 after P-Net
+    (detect_face.m inlines that step) and with bbreg.m's +1 widths after R-Net and O-Net.
+    """
+    xp = xp_of(boxes_Nx4, reg_Nx4)
+    b, r = xp.asarray(boxes_Nx4), xp.asarray(reg_Nx4)
+    one = 1 if plus_one else 0
+    w = b[..., 2] - b[..., 0] + one
+    h = b[..., 3] - b[..., 1] + one
+    return b + r * xp.stack([w, h, w, h], axis=-1)
+
+
+def square(boxes_Nx4: Array) -> Array:
+    """Square boxes around their centre with side max(w, h), w = x2 - x1 (rerec.m, no +1)."""
+    xp = xp_of(boxes_Nx4)
+    b = xp.asarray(boxes_Nx4)
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    side = xp.maximum(w, h)
+    x1 = b[..., 0] + w * 0.5 - side * 0.5
+    y1 = b[..., 1] + h * 0.5 - side * 0.5
+    return xp.stack([x1, y1, x1 + side, y1 + side], axis=-1)
+
+
+def pnet_windows(rows: Array, cols: Array, scale: float, stride: int = 2, cell: int = 12) -> Array:
+    """Original-image window (..., 4) of P-Net output cells (0-based row i, col j) at a pyramid scale.
+
+    As generateBoundingBox in detect_face.m: x1 = fix((stride*j + 1) / scale), x2 =
+    fix((stride*j + cell) / scale), likewise y from i; 1-based inclusive pixel coordinates.
+    Pass numpy index grids (they are static per level) to get MATLAB's float64 result: in float32
+    (jax's default) about 1% of the windows land one pixel off.
+    """
+    xp = xp_of(rows, cols, scale)
+    i, j = xp.asarray(rows), xp.asarray(cols)
+    x1, y1 = fix((stride * j + 1) / scale), fix((stride * i + 1) / scale)
+    x2, y2 = fix((stride * j + cell) / scale), fix((stride * i + cell) / scale)
+    return xp.stack([x1, y1, x2, y2], axis=-1)
+
+
+def landmarks_from_relative(boxes_Nx4: Array, rel_Nx10: Array) -> Array:
+    """O-Net landmarks (N, 5, 2) as (x, y) from box-relative outputs (x1..x5, y1..y5).
+
+    detect_face.m: x = w * p + x1 - 1 with w = x2 - x1 + 1, using the box BEFORE its O-Net regression.
+    """
+    xp = xp_of(boxes_Nx4, rel_Nx10)
+    b, p = xp.asarray(boxes_Nx4), xp.asarray(rel_Nx10)
+    w = (b[..., 2] - b[..., 0] + 1)[..., None]
+    h = (b[..., 3] - b[..., 1] + 1)[..., None]
+    xs = w * p[..., :5] + b[..., 0:1] - 1
+    ys = h * p[..., 5:] + b[..., 1:2] - 1
+    return xp.stack([xs, ys], axis=-1)
+
+
+def crop_sampling(boxes_Nx4: Array, size: int) -> tuple[Array, Array]:
+    """Source coordinates (xs_NxS, ys_NxS) at which to sample a size x size crop of each box.
+
+    Boxes are fixed (integer) 1-based inclusive coordinates: the crop covers 0-based columns
+    x1-1 .. x2-1 (width x2 - x1 + 1) and rows y1-1 .. y2-1, as pad.m cuts it. Returned coordinates are
+    0-based with pixel centres at integers, output pixel k mapping to (k + 0.5) * w / size - 0.5 in
+    the crop (half-pixel centres, as imResample's bilinear upsampling), clamped to the crop's first
+    and last pixel. Sample bilinearly at (ys[:, r], xs[:, c]) reading ZERO outside the image (pad.m).
+    """
+    xp = xp_of(boxes_Nx4)
+    b = xp.asarray(boxes_Nx4) * 1.0  # integer boxes sample at float coordinates
+    k_S = xp.arange(size, dtype=b.dtype)
+
+    def axis(lo_N, hi_N):
+        n_N = (hi_N - lo_N + 1)[:, None]
+        t_NxS = xp.clip((k_S[None, :] + 0.5) * n_N / size - 0.5, 0, n_N - 1)
+        return lo_N[:, None] - 1 + t_NxS
+
+    return axis(b[:, 0], b[:, 2]), axis(b[:, 1], b[:, 3])
