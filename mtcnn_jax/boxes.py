@@ -107,7 +107,8 @@ def _fixed_point(step, x0: Array, xp) -> Array:
 
 
 def nms_fixed(
-    boxes_Kx4: Array, scores_K: Array, valid_K: Array, threshold: float, mode: str = "union"
+    boxes_Kx4: Array, scores_K: Array, valid_K: Array, threshold: float, mode: str = "union",
+    groups_K: Array | None = None,
 ) -> Array:
     """Exact greedy NMS over K fixed slots (jittable): a keep mask equal to `nms` on the valid slots.
 
@@ -115,20 +116,36 @@ def nms_fixed(
     That rule fixes keep[i] from keep[:i], so it has exactly one fixed point (the greedy result),
     and the Jacobi iteration keep <- valid & ~any(S & keep[:, None], 0) gets one more rank right
     each round: it reaches that fixed point in at most K rounds, usually far fewer.
+    With `groups_K`, only slots of the same group suppress each other: `nms` run on each group
+    separately (MATLAB's per-scale NMS over all pyramid levels in one call).
     """
-    xp = xp_of(boxes_Kx4, scores_K, valid_K, threshold)
+    xp = xp_of(boxes_Kx4, scores_K, valid_K, threshold, groups_K)
     order_K = rank_order(scores_K, valid_K)
     b_Kx4 = xp.asarray(boxes_Kx4)[order_K]
     v_K = xp.asarray(valid_K, dtype=bool)[order_K]
     k = v_K.shape[0]
     before_KxK = xp.triu(xp.ones((k, k), dtype=bool), k=1)  # [j, i]: j ranks before i
     s_KxK = before_KxK & v_K[:, None] & (iou_matrix(b_Kx4, b_Kx4, mode) > threshold)
+    if groups_K is not None:
+        g_K = xp.asarray(groups_K)[order_K]
+        s_KxK = s_KxK & (g_K[:, None] == g_K[None, :])
 
     def step(keep_K):
         return v_K & ~xp.any(s_KxK & keep_K[:, None], axis=0)
 
     keep_sorted_K = _fixed_point(step, v_K, xp)
     return keep_sorted_K[xp.argsort(order_K)]
+
+
+def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:
+    """The first n slots of rank_order: under jax a partial sort (lax.top_k keeps the lower index
+    first among equal keys), which is far cheaper than a full sort of a large P-Net map."""
+    if xp is np:
+        return rank_order(scores_K, mask_K)[:n]
+    import jax
+
+    key_K = xp.where(mask_K, xp.asarray(scores_K, dtype=xp.float32), -xp.inf)
+    return jax.lax.top_k(key_K, n)[1]
 
 
 def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> tuple:
@@ -141,7 +158,7 @@ def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> 
     xp = xp_of(mask_K, scores_K, *arrays_K)
     mask_K = xp.asarray(mask_K, dtype=bool)
     k = mask_K.shape[0]
-    order = rank_order(scores_K, mask_K)
+    order = _top_slots(mask_K, scores_K, min(capacity, k), xp)
     if capacity > k:
         order = xp.concatenate([order, xp.zeros(capacity - k, dtype=order.dtype)])
     idx_C = order[:capacity]

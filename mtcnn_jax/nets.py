@@ -56,6 +56,13 @@ def max_pool_ceil(x_NxHxWxC: jax.Array, window: int, stride: int) -> jax.Array:
     return nn.max_pool(x_NxHxWxC, (window, window), (stride, stride), padding=pads)
 
 
+def _mask_padding(x_NxHxWxC: jax.Array, valid_hw_Nx2: jax.Array, fill: float) -> jax.Array:
+    """Replace the rows/columns at or beyond each image's valid height/width by `fill`."""
+    rows = jnp.arange(x_NxHxWxC.shape[1])[None, :, None] < valid_hw_Nx2[:, 0, None, None]
+    cols = jnp.arange(x_NxHxWxC.shape[2])[None, None, :] < valid_hw_Nx2[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], x_NxHxWxC, fill)
+
+
 class ConvPReLU(nn.Module):
     """A valid (unpadded) stride-1 convolution followed by a per-channel PReLU."""
 
@@ -72,9 +79,15 @@ class PNet(nn.Module):
     """Proposal net: fully convolutional, a 12x12 window every 2 pixels (det1.prototxt)."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, valid_hw: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         x = ConvPReLU(10, 3, name="conv1")(x)
+        if valid_hw is not None:  # zero-padded inputs: pool only what the unpadded image would have
+            x = _mask_padding(x, valid_hw - 2, -jnp.inf)
         x = max_pool_ceil(x, 2, 2)
+        if valid_hw is not None:
+            x = jnp.where(jnp.isneginf(x), 0.0, x)
         x = ConvPReLU(16, 3, name="conv2")(x)
         x = ConvPReLU(32, 3, name="conv3")(x)
         return {"logits": nn.Conv(2, (1, 1), name="cls")(x), "box": nn.Conv(4, (1, 1), name="box")(x)}
@@ -88,7 +101,7 @@ class RNet(nn.Module):
         x = max_pool_ceil(ConvPReLU(28, 3, name="conv1")(x), 3, 2)
         x = max_pool_ceil(ConvPReLU(48, 3, name="conv2")(x), 3, 2)
         x = ConvPReLU(64, 2, name="conv3")(x)
-        x = x.reshape(x.shape[:-3] + (-1,))  # (..., 3*3*64 = 576), row-major (h, w, c)
+        x = x.reshape(x.shape[:-3] + (math.prod(x.shape[-3:]),))  # (..., 3*3*64 = 576), row-major (h, w, c)
         x = PReLU(name="prelu4")(nn.Dense(128, name="fc4")(x))
         return {"logits": nn.Dense(2, name="cls")(x), "box": nn.Dense(4, name="box")(x)}
 
@@ -102,7 +115,7 @@ class ONet(nn.Module):
         x = max_pool_ceil(ConvPReLU(64, 3, name="conv2")(x), 3, 2)
         x = max_pool_ceil(ConvPReLU(64, 3, name="conv3")(x), 2, 2)
         x = ConvPReLU(128, 2, name="conv4")(x)
-        x = x.reshape(x.shape[:-3] + (-1,))  # (..., 3*3*128 = 1152), row-major (h, w, c)
+        x = x.reshape(x.shape[:-3] + (math.prod(x.shape[-3:]),))  # (..., 1152), row-major (h, w, c)
         x = nn.Dense(256, name="fc5")(x)
         x = nn.Dropout(0.25, deterministic=deterministic)(x)  # det3.prototxt: drop5 before prelu5
         x = PReLU(name="prelu5")(x)
@@ -116,15 +129,23 @@ class ONet(nn.Module):
 MODULES = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
 
 
-def _apply(stage: str, params: Params, x: jax.Array, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+def _apply(stage: str, params: Params, x: jax.Array, dropout_rng: jax.Array | None, **kw) -> dict[str, jax.Array]:
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    return MODULES[stage].apply({"params": params}, x, deterministic=dropout_rng is None, rngs=rngs)
+    return MODULES[stage].apply({"params": params}, x, deterministic=dropout_rng is None, rngs=rngs, **kw)
 
 
-def pnet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+def pnet(
+    params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None, valid_hw: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """P-Net on (N, H, W, 3) normalised images, H, W >= 12: maps of (N, H', W', 2|4), one cell
-    per 12x12 window at stride 2. `dropout_rng` is accepted for a uniform signature (P-Net has none)."""
-    return _apply("pnet", params, x, dropout_rng)
+    per 12x12 window at stride 2. `dropout_rng` is accepted for a uniform signature (P-Net has none).
+
+    `valid_hw` (N, 2): the real size of each image when the batch is zero-padded at the bottom/right;
+    every output cell of the real image's map then equals the unpadded result exactly (Caffe's
+    ceil pooling would otherwise let padding into the last row/column of cells).
+    """
+    kw = {} if valid_hw is None else {"valid_hw": jnp.asarray(valid_hw)}
+    return _apply("pnet", params, x, dropout_rng, **kw)
 
 
 def rnet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
