@@ -1,0 +1,402 @@
+"""Face detection on real images: loading and checking them, batching by size bucket, and the command line.
+
+`detect(image)` and `detect_batch(images)` run the fixed-shape cascade (`cascade.detect_bucket`):
+images are grouped by their padded bucket and run at a few fixed batch sizes, so only a few shapes
+are ever compiled. Bad inputs raise (or, in a batch, yield) an `ImageError` that names the image.
+
+Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from mtcnn_jax import cascade, checkpoints
+from mtcnn_jax.cascade import CascadeConfig, bucket_shape
+
+MIN_SIDE = 12  # P-Net's window: nothing smaller can hold a face
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ImageSource = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input that is not a usable 8-bit RGB image; the message names the image and the fix."""
+
+
+class CapacityWarning(UserWarning):
+    """A fixed capacity of the jitted cascade was full, so some candidates of an image were dropped."""
+
+
+@dataclass(frozen=True, eq=False)
+class Detections:
+    """The faces found in one image: boxes_Kx4 (x1, y1, x2, y2), scores_K, landmarks_Kx5x2 (x, y) and
+    the per-stage counts of candidates dropped at a full capacity (0 when none)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+    overflow: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_json(self) -> dict[str, list]:
+        """The shared detections format: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5], ...]}."""
+        boxes = np.column_stack([self.boxes, self.scores]).astype(np.float64)
+        return {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+_MODE_HINTS = {
+    "1": "is black and white (mode '1')",
+    "L": "is grayscale (mode 'L')",
+    "LA": "is grayscale with alpha (mode 'LA')",
+    "RGBA": "has an alpha channel (mode 'RGBA')",
+    "P": "is a palette image (mode 'P')",
+    "PA": "is a palette image with alpha (mode 'PA')",
+    "I;16": "is 16-bit (mode 'I;16')",
+    "I;16B": "is 16-bit (mode 'I;16B')",
+    "I;16L": "is 16-bit (mode 'I;16L')",
+    "I": "is 32-bit integer (mode 'I')",
+    "F": "is 32-bit float (mode 'F')",
+}
+
+
+def _fail(name: str, problem: str, fix: str) -> ImageError:
+    """The one-line error: which image, what is wrong with it, what to do."""
+    return ImageError(f"{name}: {problem}; {fix}")
+
+
+def _from_pil(img: Any, name: str) -> np.ndarray:
+    """A PIL image as uint8 RGB, upright by its EXIF orientation; any other mode is an error with the fix."""
+    from PIL import ImageOps
+
+    if img.mode != "RGB":
+        problem = _MODE_HINTS.get(img.mode, f"has mode {img.mode!r}")
+        raise _fail(name, f"{problem}, MTCNN needs 8-bit RGB", 'convert it with `Image.convert("RGB")`')
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        pass
+    return _check_array(np.asarray(img), name)
+
+
+def _open_path(path: Path, name: str) -> np.ndarray:
+    """Decode an image file fully (so truncation is caught here) into uint8 RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise _fail(name, "no such file", "check the path")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _from_pil(img, name)
+    except UnidentifiedImageError:
+        raise _fail(name, "not an image file PIL can read", "pass a JPEG, PNG, BMP or WebP") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ImageError):
+            raise
+        raise _fail(name, f"could not be decoded ({err})", "the file is truncated or corrupt: re-export it") from None
+
+
+def _check_array(a: np.ndarray, name: str) -> np.ndarray:
+    """The array itself if it is a usable H x W x 3 uint8 image, else an ImageError saying what to do."""
+    if a.size == 0:
+        raise _fail(name, f"empty array of shape {a.shape}", "pass an H x W x 3 uint8 image")
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 1):
+        raise _fail(name, f"grayscale array of shape {a.shape}", "stack it to RGB: `np.repeat(a[..., None], 3, -1)`")
+    if a.ndim != 3:
+        raise _fail(name, f"{a.ndim}-D array of shape {a.shape}", "pass one H x W x 3 image (use detect_batch for many)")
+    if a.shape[-1] == 4:
+        raise _fail(name, "4 channels (RGBA)", 'drop the alpha: `a[..., :3]` or `Image.convert("RGB")`')
+    if a.shape[-1] != 3:
+        raise _fail(name, f"{a.shape[-1]} channels (shape {a.shape})", "pass H x W x 3 RGB")
+    if np.issubdtype(a.dtype, np.floating) and np.isnan(a).any():
+        raise _fail(name, "contains NaNs", "pass uint8 pixels 0-255")
+    if a.dtype != np.uint8:
+        depth = " (16-bit)" if a.dtype == np.uint16 else ""
+        raise _fail(name, f"dtype {a.dtype}{depth}, uint8 0-255 expected",
+                    "convert it, e.g. `(a * 255).round().astype(np.uint8)` for floats in 0-1")
+    if min(a.shape[:2]) < MIN_SIDE:
+        raise _fail(name, f"{a.shape[1]}x{a.shape[0]} pixels is under MTCNN's {MIN_SIDE}-pixel window",
+                    f"pass an image at least {MIN_SIDE} px on each side")
+    return np.ascontiguousarray(a)
+
+
+def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
+    """An image as uint8 (H, W, 3) RGB from a path, a PIL image or a numpy array; JPEGs are turned
+    upright by their EXIF orientation. Anything else raises an ImageError naming `name` (or the path)."""
+    from PIL import Image
+
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(Path(source), name or str(source))
+    name = name or "image"
+    if isinstance(source, Image.Image):
+        return _from_pil(source, name)
+    if isinstance(source, np.ndarray):
+        return _check_array(source, name)
+    raise _fail(name, f"got a {type(source).__name__}", "pass a path, a PIL image or an H x W x 3 uint8 numpy array")
+
+
+def _source_name(source: ImageSource, index: int) -> str:
+    """How errors and warnings name an input of a batch: its path, else its index."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"images[{index}]"
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_on_device() -> dict[str, Any]:
+    """The original weights, converted and put on the default device once per process."""
+    import jax
+
+    import mtcnn_jax
+
+    return jax.device_put(mtcnn_jax.load_pretrained())
+
+
+def resolve_params(params: Any = None) -> dict[str, Any]:
+    """The {"pnet", "rnet", "onet"} param tree to detect with: None -> the original weights (loaded once),
+    a str/Path -> an Orbax cascade checkpoint directory, a dict -> itself (checked)."""
+    import jax
+
+    if params is None:
+        return _pretrained_on_device()
+    if isinstance(params, (str, os.PathLike)):
+        return jax.device_put(checkpoints.load_cascade(params))
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be None, a checkpoint path or a dict, got {type(params).__name__}")
+    missing = [s for s in checkpoints.STAGES if s not in params]
+    if missing:
+        raise ValueError(f"params need the stages {checkpoints.STAGES}; missing {missing}")
+    return {s: params[s] for s in checkpoints.STAGES}
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+def make_config(config: CascadeConfig | None, min_face_size: float, scale_factor: float,
+                thresholds: Sequence[float]) -> CascadeConfig:
+    """`config` if given (the keywords must then keep their defaults), else a CascadeConfig of the keywords."""
+    keywords = {"min_face_size": float(min_face_size), "scale_factor": float(scale_factor),
+                "thresholds": tuple(float(t) for t in thresholds)}
+    if config is None:
+        return CascadeConfig(**keywords)
+    changed = [k for k, v in keywords.items() if v != getattr(CascadeConfig(), k)]
+    if changed:
+        raise ValueError(f"pass either config or the keywords {changed}, not both")
+    return config
+
+
+def _empty_detections(overflow: dict[str, int]) -> Detections:
+    return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
+                      np.zeros((0, 5, 2), np.float32), overflow)
+
+
+def _slice(out: dict[str, Any], b: int) -> Detections:
+    """Image b's valid rows of a detect_bucket result."""
+    keep = np.asarray(out["valid"][b], bool)
+    overflow = {stage: int(np.asarray(counts)[b]) for stage, counts in out["overflow"].items()}
+    if not keep.any():
+        return _empty_detections(overflow)
+    return Detections(np.asarray(out["boxes"][b], np.float32)[keep],
+                      np.asarray(out["scores"][b], np.float32)[keep],
+                      np.asarray(out["landmarks"][b], np.float32)[keep].reshape(-1, 5, 2), overflow)
+
+
+def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int], batch: int,
+               config: CascadeConfig) -> list[Detections]:
+    """One detect_bucket call on `images` zero-padded into the bucket; padding slots repeat the last image
+    (a valid input) and their results are discarded."""
+    padded = images + [images[-1]] * (batch - len(images))
+    images_BxHxWx3 = np.zeros((batch, *bucket, 3), np.uint8)
+    sizes_Bx2 = np.zeros((batch, 2), np.int32)
+    for b, img in enumerate(padded):
+        images_BxHxWx3[b, : img.shape[0], : img.shape[1]] = img
+        sizes_Bx2[b] = img.shape[:2]
+    out = cascade.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
+    return [_slice(out, b) for b in range(len(images))]
+
+
+# Which CascadeConfig field bounds each stage that detect_bucket reports overflow for.
+CAPACITY_FIELDS = {"window": "window_capacity", "pnet": "pnet_capacity",
+                   "rnet": "rnet_capacity", "faces": "max_faces"}
+
+
+def _warn_overflow(name: str, det: Detections) -> None:
+    """One CapacityWarning per stage that dropped candidates of this image, naming the field to raise."""
+    for stage, dropped in det.overflow.items():
+        if dropped > 0:
+            field_name = CAPACITY_FIELDS.get(stage, "the matching capacity")
+            warnings.warn(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
+                          f"raise CascadeConfig.{field_name} to keep them", CapacityWarning, stacklevel=4)
+
+
+def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
+                  config: CascadeConfig, batch_size: int = 8) -> list[Detections | ImageError]:
+    """Detection on already loaded images (errors pass through in their slots): grouped by bucket and run
+    at batch size 1 (a lone image) or `batch_size`, so each bucket compiles at most two shapes."""
+    results: list[Detections | ImageError] = list(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        if isinstance(img, ImageError):
+            continue
+        if not cascade.pyramid_scales(*img.shape[:2], config.min_face_size, config.scale_factor):
+            results[i] = _empty_detections({})  # smaller than min_face_size: no pyramid level, no face
+        else:
+            groups.setdefault(bucket_shape(*img.shape[:2], config.bucket_multiple), []).append(i)
+    for bucket, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = 1 if len(chunk) == 1 else batch_size
+            for i, det in zip(chunk, _run_batch(params, [images[i] for i in chunk], bucket, batch, config)):
+                _warn_overflow(names[i], det)
+                results[i] = det
+    return results
+
+
+def _try_load(source: ImageSource, name: str) -> np.ndarray | ImageError:
+    """The loaded image, or its ImageError as a value (a batch goes on past it)."""
+    try:
+        return load_image(source, name)
+    except ImageError as err:
+        return err
+
+
+def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = 20,
+                 scale_factor: float = 0.709, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+                 config: CascadeConfig | None = None, batch_size: int = 8) -> list[Detections | ImageError]:
+    """Faces in many images of any sizes; a bad image yields its ImageError in its slot, the rest still run.
+
+    Warns (CapacityWarning) naming the image and stage when a fixed capacity dropped candidates.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = make_config(config, min_face_size, scale_factor, thresholds)
+    sources = list(images)
+    names = [_source_name(s, i) for i, s in enumerate(sources)]
+    loaded = [_try_load(s, n) for s, n in zip(sources, names)]
+    if all(isinstance(x, ImageError) for x in loaded):
+        return loaded
+    return detect_loaded(loaded, names, resolve_params(params), cfg, batch_size)
+
+
+def detect(image: ImageSource, params: Any = None, *, min_face_size: float = 20, scale_factor: float = 0.709,
+           thresholds: Sequence[float] = (0.6, 0.7, 0.7), config: CascadeConfig | None = None) -> Detections:
+    """Faces in one image (a path, PIL image or uint8 H x W x 3 array); raises ImageError for a bad input."""
+    cfg = make_config(config, min_face_size, scale_factor, thresholds)
+    name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
+    img = load_image(image, name)
+    return detect_loaded([img], [name], resolve_params(params), cfg)[0]
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """(path as given or dir joined with the relative path, name relative to its given dir) per file;
+    directories are searched recursively for image suffixes, sorted."""
+    out = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p.relative_to(path) for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            out += [(os.path.join(given, str(rel)), str(rel)) for rel in found]
+        else:
+            out.append((given, path.name))
+    return out
+
+
+def _draw_name(rel: str) -> str:
+    """The annotated copy's name: the same relative name, as .jpg for JPEGs and .png otherwise."""
+    p = Path(rel)
+    return str(p) if p.suffix.lower() in (".jpg", ".jpeg", ".png") else str(p.with_suffix(".png"))
+
+
+def _write_drawing(out_dir: Path, rel: str, img: np.ndarray, det: Detections) -> None:
+    from mtcnn_jax._draw import annotate_image
+
+    target = out_dir / _draw_name(rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    annotate_image(img, det).save(target, quality=92)  # PNG ignores the JPEG quality
+
+
+def _summary(det: Detections) -> str:
+    scores = ", ".join(f"{s:.2f}" for s in det.scores[:8]) + (", ..." if len(det) > 8 else "")
+    return f"{len(det)} face{'s' if len(det) != 1 else ''}" + (f" ({scores})" if len(det) else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
+    p = argparse.ArgumentParser(prog="python -m mtcnn_jax.detect", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (recursive)")
+    p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint dir (default: the original weights)")
+    p.add_argument("--min-face-size", type=float, default=20.0)
+    p.add_argument("--scale-factor", type=float, default=0.709)
+    p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7), metavar=("T1", "T2", "T3"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write {path: detections} here")
+    p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write annotated copies here")
+    return p
+
+
+def _process_chunk(files: list[tuple[str, str]], params: Any, cfg: CascadeConfig, args: argparse.Namespace,
+                   report: Any) -> dict[str, Detections]:
+    """Load, detect and (optionally) draw one chunk of files; each failure is one reported line."""
+    names = [given for given, _ in files]
+    loaded = [_try_load(given, given) for given in names]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CapacityWarning)
+        results = detect_loaded(loaded, names, params, cfg, args.batch_size)
+    for w in caught:
+        report(f"warning: {w.message}")
+    found = {}
+    for (given, rel), img, det in zip(files, loaded, results):
+        if isinstance(det, ImageError):
+            report(f"error: {det}")
+            continue
+        found[given] = det
+        if args.draw:
+            _write_drawing(Path(args.draw), rel, img, det)
+        if not args.json:
+            report(f"{given}: {_summary(det)}", err=False)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1."""
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    cfg = make_config(None, args.min_face_size, args.scale_factor, args.thresholds)
+    files = expand_inputs(args.inputs)
+    params = resolve_params(args.weights)
+    results: dict[str, Detections] = {}
+    chunk = max(args.batch_size, 1) * 4
+    with tqdm(total=len(files), unit="img", disable=len(files) < 10, file=sys.stderr) as bar:
+        def report(line: str, err: bool = True) -> None:
+            bar.write(line, file=sys.stderr if err else sys.stdout)
+
+        for start in range(0, len(files), chunk):
+            results.update(_process_chunk(files[start : start + chunk], params, cfg, args, report))
+            bar.update(len(files[start : start + chunk]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: d.to_json() for k, d in results.items()}))
+    errors = len(files) - len(results)
+    print(f"{len(results)} images, {sum(len(d) for d in results.values())} faces, {errors} errors"
+          + ("" if files else " (no image files found in the inputs)"))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

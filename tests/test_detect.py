@@ -1,0 +1,297 @@
+"""detect.py: image loading and its errors, batching by bucket, overflow warnings, params, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mtcnn_jax
+from mtcnn_jax import cascade, detect
+from mtcnn_jax.cascade import CascadeConfig
+from mtcnn_jax.detect import CapacityWarning, Detections, ImageError
+
+HAS_CASCADE = hasattr(cascade, "detect_bucket")
+needs_cascade = pytest.mark.skipif(not HAS_CASCADE, reason="cascade.detect_bucket is not written yet")
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+def _text_as_jpg(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("not an image at all")
+    return str(p)
+
+
+def _truncated_jpeg(tmp_path):
+    p = tmp_path / "cut.jpg"
+    Image.fromarray(rgb(200, 200)).save(p, quality=95)
+    p.write_bytes(p.read_bytes()[:2000])
+    return str(p)
+
+
+def _png(tmp_path, name, img):
+    p = tmp_path / name
+    img.save(p)
+    return str(p)
+
+
+BAD_INPUTS = {
+    "text file named .jpg": (_text_as_jpg, "not an image file"),
+    "truncated jpeg": (_truncated_jpeg, "truncated"),
+    "grayscale png": (lambda t: _png(t, "gray.png", Image.fromarray(rgb(40, 40)[..., 0])), "grayscale"),
+    "rgba png": (lambda t: _png(t, "rgba.png", Image.fromarray(rgb(40, 40)).convert("RGBA")), "alpha"),
+    "palette png": (lambda t: _png(t, "pal.png", Image.fromarray(rgb(40, 40)).convert("P")), "palette"),
+    "16-bit png": (lambda t: _png(t, "deep.png", Image.fromarray(np.full((40, 40), 40000, np.uint16))), "16-bit"),
+    "8x8 png": (lambda t: _png(t, "tiny.png", Image.fromarray(rgb(8, 8))), "12-pixel"),
+    "missing file": (lambda t: str(t / "nope.jpg"), "no such file"),
+    "empty array": (lambda t: np.zeros((0, 0, 3), np.uint8), "empty"),
+    "float array with NaN": (lambda t: np.full((40, 40, 3), np.nan, np.float32), "NaN"),
+    "float array": (lambda t: np.full((40, 40, 3), 0.5, np.float32), "uint8 0-255 expected"),
+    "uint16 array": (lambda t: np.zeros((40, 40, 3), np.uint16), "16-bit"),
+    "2-D array": (lambda t: np.zeros((40, 40), np.uint8), "grayscale"),
+    "4-channel array": (lambda t: np.zeros((40, 40, 4), np.uint8), "RGBA"),
+    "4-D array": (lambda t: np.zeros((2, 40, 40, 3), np.uint8), "4-D"),
+    "grayscale PIL": (lambda t: Image.fromarray(rgb(40, 40)[..., 0]), "convert(\"RGB\")"),
+    "not an image object": (lambda t: [[1, 2, 3]], "got a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_image_error_naming_it(tmp_path, case):
+    make, expected = BAD_INPUTS[case]
+    source = make(tmp_path)
+    with pytest.raises(ImageError) as info:
+        detect.load_image(source, None if isinstance(source, str) else "my_input")
+    message = str(info.value)
+    assert expected in message
+    assert (source if isinstance(source, str) else "my_input") in message
+    assert "\n" not in message and ";" in message  # one line: the problem, then what to do
+
+
+def test_load_image_sources_agree_and_exif_orientation_applied(tmp_path):
+    a = rgb(30, 50)
+    path = tmp_path / "a.png"
+    Image.fromarray(a).save(path)
+    for source in (a, Image.fromarray(a), path, str(path)):
+        np.testing.assert_array_equal(detect.load_image(source), a)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: to be rotated 90 degrees clockwise for display
+    jpg = tmp_path / "rotated.jpg"
+    Image.fromarray(a).save(jpg, exif=exif, quality=95)
+    assert detect.load_image(jpg).shape == (50, 30, 3)
+
+
+# ---------------------------------------------------------------------------------------------- fake cascade
+
+def fake_bucket(calls, overflow_for=None):
+    """A stand-in for cascade.detect_bucket: per image one face at its top-left quarter, score from its width."""
+
+    def run(params, images_BxHxWx3, sizes_Bx2, config):
+        B, Hb, Wb, _ = images_BxHxWx3.shape
+        calls.append((B, Hb, Wb))
+        assert Hb % config.bucket_multiple == 0 and Wb % config.bucket_multiple == 0
+        assert (sizes_Bx2 >= 12).all() and (sizes_Bx2[:, 0] <= Hb).all() and (sizes_Bx2[:, 1] <= Wb).all()
+        F = 3
+        boxes = np.zeros((B, F, 4), np.float32)
+        boxes[:, 0, 2], boxes[:, 0, 3] = sizes_Bx2[:, 1] / 2, sizes_Bx2[:, 0] / 2
+        scores = np.zeros((B, F), np.float32)
+        scores[:, 0] = sizes_Bx2[:, 1] / 1000
+        valid = np.zeros((B, F), bool)
+        valid[:, 0] = images_BxHxWx3.reshape(B, -1).max(axis=1) > 0  # a black image has no face
+        landmarks = np.broadcast_to(np.arange(10, dtype=np.float32).reshape(5, 2), (B, F, 5, 2)).copy()
+        rnet = np.zeros(B, np.int32)
+        if overflow_for is not None:
+            rnet[:] = [7 if w == overflow_for else 0 for w in sizes_Bx2[:, 1]]
+        return {"boxes": boxes, "scores": scores, "landmarks": landmarks, "valid": valid,
+                "overflow": {"pnet": np.zeros(B, np.int32), "rnet": rnet}}
+
+    return run
+
+
+FAKE_PARAMS = {"pnet": {}, "rnet": {}, "onet": {}}
+
+
+def test_detect_batch_keeps_going_past_a_bad_image(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    images = [rgb(40, 50), rgb(8, 8), rgb(100, 70), np.zeros((20, 30, 3), np.float32), rgb(45, 60)]
+    out = detect.detect_batch(images, FAKE_PARAMS, batch_size=4)
+    assert [type(r).__name__ for r in out] == ["Detections", "ImageError", "Detections", "ImageError", "Detections"]
+    assert "images[1]" in str(out[1]) and "images[3]" in str(out[3])
+    for r, (h, w) in zip([out[0], out[2], out[4]], [(40, 50), (100, 70), (45, 60)]):
+        np.testing.assert_allclose(r.boxes, [[0, 0, w / 2, h / 2]])
+        np.testing.assert_allclose(r.scores, [w / 1000])
+        assert r.landmarks.shape == (1, 5, 2) and r.overflow == {"pnet": 0, "rnet": 0}
+    # (40, 50) and (45, 60) share the 64x64 bucket and run as one padded batch of 4; (100, 70) runs alone
+    assert sorted(calls) == [(1, 128, 128), (4, 64, 64)]
+
+
+def test_batches_use_fixed_sizes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    out = detect.detect_batch([rgb(30 + i, 40) for i in range(11)], FAKE_PARAMS, batch_size=4)
+    assert len(out) == 11 and all(isinstance(r, Detections) for r in out)
+    assert calls == [(4, 64, 64)] * 3  # 4 + 4 + 3 (padded to 4)
+    assert [float(r.boxes[0, 3]) for r in out] == [(30 + i) / 2 for i in range(11)]
+
+
+def test_no_face_gives_empty_arrays_of_the_right_shapes(monkeypatch):
+    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket([]), raising=False)
+    det = detect.detect(np.zeros((40, 40, 3), np.uint8), FAKE_PARAMS)
+    assert det.boxes.shape == (0, 4) and det.scores.shape == (0,) and det.landmarks.shape == (0, 5, 2)
+    assert len(det) == 0 and det.to_json() == {"boxes": [], "landmarks": []}
+
+
+def test_overflow_warns_naming_image_and_stage(monkeypatch):
+    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket([], overflow_for=70), raising=False)
+    with pytest.warns(CapacityWarning, match=r"images\[1\]: 7 candidates dropped at stage 'rnet'") as record:
+        out = detect.detect_batch([rgb(40, 50), rgb(40, 70)], FAKE_PARAMS)
+    assert len(record) == 1 and "raise CascadeConfig.rnet_capacity" in str(record[0].message)
+    assert out[1].overflow == {"pnet": 0, "rnet": 7} and out[0].overflow == {"pnet": 0, "rnet": 0}
+
+
+def test_image_smaller_than_min_face_size_needs_no_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    det = detect.detect(rgb(30, 30), FAKE_PARAMS, min_face_size=40)
+    assert len(det) == 0 and det.boxes.shape == (0, 4) and calls == []
+
+
+def test_to_json_format():
+    det = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.5], np.float32),
+                     np.arange(10, dtype=np.float32).reshape(1, 5, 2))
+    assert det.to_json() == {"boxes": [[1, 2, 3, 4, 0.5]], "landmarks": [[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]]}
+    json.dumps(det.to_json())
+
+
+def test_config_and_keywords_are_exclusive():
+    assert detect.make_config(None, 40, 0.8, (0.5, 0.5, 0.3)) == CascadeConfig(40.0, 0.8, (0.5, 0.5, 0.3))
+    cfg = CascadeConfig(max_faces=16)
+    assert detect.make_config(cfg, 20, 0.709, (0.6, 0.7, 0.7)) is cfg
+    with pytest.raises(ValueError, match="min_face_size"):
+        detect.make_config(cfg, 40, 0.709, (0.6, 0.7, 0.7))
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+def test_resolve_params_from_checkpoint_dict_and_default(tmp_path):
+    from mtcnn_jax.checkpoints import save_cascade
+
+    pretrained = mtcnn_jax.load_pretrained()
+    save_cascade(tmp_path / "ckpt", pretrained)
+    for resolved in (detect.resolve_params(tmp_path / "ckpt"), detect.resolve_params(str(tmp_path / "ckpt")),
+                     detect.resolve_params(None), detect.resolve_params(pretrained)):
+        assert sorted(resolved) == ["onet", "pnet", "rnet"]
+        np.testing.assert_array_equal(resolved["onet"]["cls"]["kernel"], pretrained["onet"]["cls"]["kernel"])
+    assert detect.resolve_params(None) is detect.resolve_params(None)  # loaded once
+    with pytest.raises(ValueError, match="missing"):
+        detect.resolve_params({"pnet": {}, "rnet": {}})
+    with pytest.raises(FileNotFoundError):
+        detect.resolve_params(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+def test_drawing(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mtcnn_jax._draw import annotate_image, draw_detections
+
+    img = np.full((60, 80, 3), 128, np.uint8)
+    det = Detections(np.array([[10, 10, 40, 50]], np.float32), np.array([0.9], np.float32),
+                     np.full((1, 5, 2), 20, np.float32))
+    out = annotate_image(img, det)
+    assert out.size == (80, 60) and (np.asarray(out) != img).any()
+    assert (np.asarray(annotate_image(img, detect._empty_detections({}))) == img).all()
+    fig = draw_detections(img, det, path=tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 0 and len(fig.axes[0].patches) == 1
+    fig2 = draw_detections(img, np.array([[10, 10, 40, 50, 0.8]]))
+    assert fig2.axes[0].texts[0].get_text() == "0.80"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def reference(shared_data):
+    folder = shared_data / "reference"
+    if not folder.is_dir():
+        pytest.skip(f"no reference photos at {folder}")
+    return folder
+
+
+@needs_cascade
+def test_end_to_end_batch_with_bad_image_and_flat_grey(reference):
+    # a 180x240 crop around the face: the 192x256 bucket of no-faces.jpg, so the CLI test reuses the compile
+    face = detect.load_image(reference / "ivan.jpg")[40:220, 200:440]
+    grey = np.full(face.shape, 128, np.uint8)
+    out = detect.detect_batch([face, np.zeros((5, 5, 3), np.uint8), grey], batch_size=2)
+    assert isinstance(out[1], ImageError) and "images[1]" in str(out[1])
+    assert len(out[0]) >= 1 and out[0].scores[0] > 0.9 and (np.diff(out[0].scores) <= 0).all()
+    assert out[0].landmarks.shape == (len(out[0]), 5, 2)
+    x1, y1, x2, y2 = out[0].boxes[0]
+    assert (x1 <= out[0].landmarks[0, :, 0]).all() and (out[0].landmarks[0, :, 0] <= x2).all()
+    assert out[2].boxes.shape == (0, 4) and out[2].scores.shape == (0,) and out[2].landmarks.shape == (0, 5, 2)
+    single = detect.detect(face)  # batch of 1 against the padded batch of 2
+    np.testing.assert_allclose(single.boxes, out[0].boxes, atol=1e-2)
+    np.testing.assert_allclose(single.scores, out[0].scores, atol=1e-4)
+
+
+def run_cli(inputs: list[str], tmp_path, capsys) -> tuple[int, dict, str, str]:
+    out_json = tmp_path / "out.json"
+    code = detect.main([*inputs, "--json", str(out_json), "--draw", str(tmp_path / "drawn")])
+    captured = capsys.readouterr()
+    return code, json.loads(out_json.read_text()), captured.out, captured.err
+
+
+def check_cli_json(result: dict) -> None:
+    for entry in result.values():
+        assert all(len(b) == 5 for b in entry["boxes"])
+        assert np.asarray(entry["landmarks"]).reshape(-1, 5, 2).shape[0] == len(entry["boxes"])
+
+
+@needs_cascade
+def test_cli_end_to_end(reference, tmp_path, capsys):
+    more = tmp_path / "more"
+    (more / "sub").mkdir(parents=True)
+    (more / "broken.jpg").write_text("not a jpeg")
+    Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(more / "sub" / "grey.bmp")
+    (more / "notes.txt").write_text("not an image suffix: never read")
+    inputs = [str(reference / "ivan.jpg"), str(reference / "no-faces.jpg"), str(more)]
+    code, result, out, err = run_cli(inputs, tmp_path, capsys)
+    assert code == 0
+    assert sorted(result) == sorted(inputs[:2] + [os.path.join(str(more), "sub", "grey.bmp")])
+    check_cli_json(result)
+    assert len(result[inputs[0]]["boxes"]) >= 1 and result[inputs[1]]["boxes"] == []
+    assert "broken.jpg" in err and "not an image" in err
+    assert "3 images" in out and "1 errors" in out
+    drawn = tmp_path / "drawn"
+    assert sorted(str(p.relative_to(drawn)) for p in drawn.rglob("*.*")) == ["ivan.jpg", "no-faces.jpg",
+                                                                          os.path.join("sub", "grey.png")]
+    assert Image.open(drawn / "ivan.jpg").size == Image.open(reference / "ivan.jpg").size
+
+
+@needs_cascade
+@pytest.mark.skipif(not os.environ.get("MTCNN_JAX_SLOW_TESTS"), reason="~2 min of compiles; set MTCNN_JAX_SLOW_TESTS=1")
+def test_cli_whole_reference_folder(reference, tmp_path, capsys):
+    code, result, out, err = run_cli([str(reference)], tmp_path, capsys)
+    photos = sorted(p.name for p in reference.iterdir() if p.suffix == ".jpg")
+    assert code == 0 and sorted(result) == [os.path.join(str(reference), n) for n in photos]
+    check_cli_json(result)
+    assert f"{len(photos)} images" in out and "0 errors" in out
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == photos
+
+
+def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_text("nope")
+    assert detect.main([str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]) == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "missing.png" in captured.err and "2 errors" in captured.out
