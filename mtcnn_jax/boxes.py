@@ -108,33 +108,74 @@ def _fixed_point(step, x0: Array, xp) -> Array:
 
 def nms_fixed(
     boxes_Kx4: Array, scores_K: Array, valid_K: Array, threshold: float, mode: str = "union",
-    groups_K: Array | None = None,
+    groups_K: Array | None = None, method: str = "auto",
 ) -> Array:
     """Exact greedy NMS over K fixed slots (jittable): a keep mask equal to `nms` on the valid slots.
 
     In rank order, greedy keeps slot i iff it is valid and no kept earlier slot j overlaps it > t.
-    That rule fixes keep[i] from keep[:i], so it has exactly one fixed point (the greedy result),
-    and the Jacobi iteration keep <- valid & ~any(S & keep[:, None], 0) gets one more rank right
-    each round: it reaches that fixed point in at most K rounds, usually far fewer.
     With `groups_K`, only slots of the same group suppress each other: `nms` run on each group
-    separately (MATLAB's per-scale NMS over all pyramid levels in one call).
+    separately (MATLAB's per-scale NMS over all pyramid levels in one call). Two exact algorithms:
+    "jacobi" (every slot at once, a K x K matrix per round: best on accelerators) and "sequential"
+    (one kept slot at a time over the valid ones only: n_valid x K work, best on a CPU); "auto" picks
+    by the default backend.
     """
     xp = xp_of(boxes_Kx4, scores_K, valid_K, threshold, groups_K)
     order_K = rank_order(scores_K, valid_K)
     b_Kx4 = xp.asarray(boxes_Kx4)[order_K]
     v_K = xp.asarray(valid_K, dtype=bool)[order_K]
+    g_K = None if groups_K is None else xp.asarray(groups_K)[order_K]
+    if method == "auto":
+        method = "jacobi" if xp is not np and _default_backend() != "cpu" else "sequential"
+    solve = {"jacobi": _greedy_jacobi, "sequential": _greedy_sequential}[method]
+    keep_sorted_K = solve(b_Kx4, v_K, g_K, threshold, mode, xp)
+    return keep_sorted_K[xp.argsort(order_K)]
+
+
+def _default_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def _greedy_jacobi(b_Kx4, v_K, g_K, threshold, mode, xp):
+    """Greedy keep mask of rank-sorted slots by the Jacobi iteration keep <- valid & ~any(S & keep).
+
+    Greedy's rule fixes keep[i] from keep[:i], so it has exactly one fixed point (the greedy result);
+    each round gets one more rank right, so it reaches it in at most K rounds, usually far fewer.
+    """
     k = v_K.shape[0]
     before_KxK = xp.triu(xp.ones((k, k), dtype=bool), k=1)  # [j, i]: j ranks before i
     s_KxK = before_KxK & v_K[:, None] & (iou_matrix(b_Kx4, b_Kx4, mode) > threshold)
-    if groups_K is not None:
-        g_K = xp.asarray(groups_K)[order_K]
+    if g_K is not None:
         s_KxK = s_KxK & (g_K[:, None] == g_K[None, :])
 
     def step(keep_K):
         return v_K & ~xp.any(s_KxK & keep_K[:, None], axis=0)
 
-    keep_sorted_K = _fixed_point(step, v_K, xp)
-    return keep_sorted_K[xp.argsort(order_K)]
+    return _fixed_point(step, v_K, xp)
+
+
+def _greedy_sequential(b_Kx4, v_K, g_K, threshold, mode, xp):
+    """Greedy keep mask of rank-sorted slots, one slot at a time: when slot i is reached its keep is
+    final, and if kept it suppresses the later slots it overlaps > t. Only the valid slots (first in
+    rank order) are visited, so the work follows the candidates, not the capacity."""
+    k = v_K.shape[0]
+    later = xp.arange(k)
+
+    def visit(i, keep_K):
+        row = iou_matrix(b_Kx4[i][None], b_Kx4, mode)[0] > threshold
+        if g_K is not None:
+            row = row & (g_K == g_K[i])
+        return keep_K & ~(row & (later > i) & keep_K[i])
+
+    if xp is np:
+        keep = v_K.copy()
+        for i in range(int(v_K.sum())):
+            keep = visit(i, keep)
+        return keep
+    import jax
+
+    return jax.lax.fori_loop(0, xp.sum(v_K), visit, v_K)
 
 
 def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:

@@ -16,7 +16,7 @@ from mtcnn_jax import boxes as B
 K = 12  # fixed slot count of the jitted NMS: one compilation per mode for all examples
 SETTINGS = settings(deadline=None, max_examples=150, derandomize=True)
 
-nms_fixed_jit = jax.jit(B.nms_fixed, static_argnames="mode")
+nms_fixed_jit = jax.jit(B.nms_fixed, static_argnames=("mode", "method"))
 compact_jit = jax.jit(B.compact, static_argnums=2)
 
 
@@ -113,9 +113,26 @@ def test_nms_fixed_jit_equals_greedy(data, t, mode):
     boxes, scores, valid = data
     want = reference_keep(boxes, scores, valid, t, mode)
     args = jnp.asarray(boxes, jnp.float32), jnp.asarray(scores), jnp.asarray(valid)
-    got = nms_fixed_jit(*args, t, mode=mode)
-    np.testing.assert_array_equal(np.asarray(got), want)
-    np.testing.assert_array_equal(B.nms_fixed(boxes, scores, valid, t, mode), want)
+    for method in ("jacobi", "sequential"):
+        got = nms_fixed_jit(*args, t, mode=mode, method=method)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
+        np.testing.assert_array_equal(B.nms_fixed(boxes, scores, valid, t, mode, method=method), want)
+
+
+@SETTINGS
+@given(slot_sets(), thresholds, st.lists(st.integers(0, 2), min_size=K, max_size=K))
+def test_nms_fixed_groups_equal_nms_per_group(data, t, groups):
+    """With groups, the result is `nms` run on each group on its own (per pyramid level)."""
+    boxes, scores, valid = data
+    groups = np.array(groups)
+    want = np.zeros(K, bool)
+    for g in range(3):
+        want |= reference_keep(boxes, scores, valid & (groups == g), t, "union")
+    args = jnp.asarray(boxes, jnp.float32), jnp.asarray(scores), jnp.asarray(valid)
+    for method in ("jacobi", "sequential"):
+        got = jax.jit(B.nms_fixed, static_argnames=("mode", "method"))(*args, t, groups_K=jnp.asarray(groups),
+                                                                        method=method)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
 
 
 @SETTINGS
@@ -142,8 +159,10 @@ def test_nms_fixed_long_chain():
     scores = np.linspace(1, 0, k)
     want = reference_keep(boxes, scores, np.ones(k, bool), 0.6, "union")
     assert want.sum() == k // 2
-    got = jax.jit(B.nms_fixed)(jnp.asarray(boxes), jnp.asarray(scores), jnp.ones(k, bool), 0.6)
-    np.testing.assert_array_equal(np.asarray(got), want)
+    for method in ("jacobi", "sequential"):
+        got = jax.jit(B.nms_fixed, static_argnames="method")(jnp.asarray(boxes), jnp.asarray(scores),
+                                                            jnp.ones(k, bool), 0.6, method=method)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
 
 
 # ---- compact ------------------------------------------------------------------------------------
