@@ -9,8 +9,9 @@
 Both follow detect_face.m. Coordinates are the original's: 1-based inclusive pixel boxes.
 Resizing (pyramid levels and crops) follows imResample, which detect_face.m calls: an exact area
 average when shrinking, bilinear with half-pixel centres when enlarging. Two shortcuts keep it cheap,
-documented in the README: each pyramid level is resampled from the previous level (not from the
-image), and a crop is resampled from the pyramid level just larger than the crop's output size.
+documented in the README: a level is area-resampled from the exact 2^j x 2^j mip of the image just
+larger than it (not from the image itself), and a crop from the pyramid level just larger than the crop's output.
+All levels live in three stacked canvases (level 0, level 1, the rest), so P-Net runs three times.
 """
 
 from __future__ import annotations
@@ -41,19 +42,27 @@ class CascadeConfig:
     nms_pnet: float = 0.7  # P-Net, over all levels (Union)
     nms_rnet: float = 0.7  # after R-Net (Union)
     nms_onet: float = 0.7  # after O-Net (Min)
-    window_capacity: int = 2048  # P-Net windows >= t1 over all levels, before the NMS
-    pnet_capacity: int = 512  # candidates cropped for R-Net
+    # None: from the bucket's area (bucket pixels / 512 and / 1024 in multiples of 256, from 1024 to
+    # 4096 and from 512 to 2048), which covered every image we measured; set a number to fix it.
+    window_capacity: int | None = None  # P-Net windows >= t1 over all levels, before the NMS
+    pnet_capacity: int | None = None  # candidates cropped for R-Net
     rnet_capacity: int = 128  # candidates cropped for O-Net
     max_faces: int = 128  # final detections per image
-    net_chunk: int = 32  # R-Net/O-Net run over chunks of this many slots, only while chunks hold candidates
+    net_chunk: int = 16  # R-Net/O-Net run over chunks of this many slots, only while chunks hold candidates
     bucket_multiple: int = 64  # image sizes are padded up to a multiple of this
 
     def __post_init__(self):
         for name in ("pnet_capacity", "rnet_capacity"):
-            if getattr(self, name) % self.net_chunk:
+            if (getattr(self, name) or 0) % self.net_chunk:
                 raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}")
         if self.min_face_size <= 0 or not 0 < self.scale_factor < 1:
             raise ValueError("min_face_size must be > 0 and 0 < scale_factor < 1")
+
+
+def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int]:
+    """(window_capacity, pnet_capacity) for a bucket: the config's values, or derived from its area."""
+    auto = lambda per, least: min(max(least, -(-hb * wb // per // 256) * 256), 4 * least)  # noqa: E731
+    return config.window_capacity or auto(512, 1024), config.pnet_capacity or auto(1024, 512)
 
 
 def bucket_shape(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
@@ -88,12 +97,6 @@ def _taps(ratio: float) -> int:
     return max(2, math.ceil(ratio - 1e-9) + 1)
 
 
-def level_taps(config: CascadeConfig) -> int:
-    """Taps for building the pyramid: level 0 from the image (ratio 1/m), then level from level."""
-    m = 12.0 / config.min_face_size
-    return _taps(max(1.0 / m, 1.0 / config.scale_factor + 1.0 / 12))
-
-
 def crop_taps(config: CascadeConfig) -> int:
     """Taps for crops taken from the level just larger than the crop (or the image, if none is)."""
     m = 12.0 / config.min_face_size
@@ -125,32 +128,163 @@ def resample_taps(start_E: Array, length_E: Array, out_len_E: Array, out_buf: in
     return xp.where(shrink, idx_area, idx_bilinear).astype(xp.int32), weights.astype(xp.float32)
 
 
-def _resample_rows(src_HxWxC: Array, idx_OxT: Array, w_OxT: Array, valid_rows: Array) -> Array:
-    """Resample along axis 0; taps outside [0, valid_rows) read zero (pad.m's zero padding)."""
-    xp = bx.xp_of(src_HxWxC, idx_OxT, valid_rows)
-    w = xp.where((idx_OxT >= 0) & (idx_OxT < valid_rows), w_OxT, 0.0)
-    rows = src_HxWxC[xp.clip(idx_OxT, 0, src_HxWxC.shape[0] - 1)]  # (O, T, W, C)
-    return xp.einsum("ot,otwc->owc", w, rows)
+@dataclass(frozen=True)
+class PyramidPlan:
+    """The static layout of an h x w (bucket) pyramid: scales, level buffers stacked in one canvas
+    (even row offsets, 2-row gaps so P-Net never mixes levels), mips and resampling taps."""
+
+    scales: tuple[float, ...]
+    bufs: tuple[tuple[int, int], ...]
+    offsets: tuple[int, ...]
+    canvas_hw: tuple[int, int]
+    n_mips: int
+    taps: int
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(h: int, w: int, config: CascadeConfig) -> "PyramidPlan":
+        scales = pyramid_scales(h, w, config.min_face_size, config.scale_factor)
+        bufs = [tuple(b) for b in level_sizes(h, w, scales).tolist()]
+        offsets, row = [], 0
+        for bh, _ in bufs:
+            offsets.append(row)
+            row += bh + 2 + (bh % 2)
+        ratio = 1.0 / min(scales[-1], 1.0) if scales else 1.0
+        n_mips = max(1, min(int(math.log2(ratio)), 6) + 1)
+        return PyramidPlan(tuple(scales), tuple(bufs), tuple(offsets),
+                           (max(row - 2, 12), max([b[1] for b in bufs], default=12)), n_mips,
+                           _taps(ratio / 2 ** (n_mips - 1) * 13 / 12))
+
+    @functools.cached_property
+    def mips(self) -> np.ndarray:
+        """The mip each level is area-resampled from: the largest 2^-j at least as large as its scale."""
+        inv = 1.0 / np.minimum(np.array(self.scales, float), 1.0)
+        return np.clip(np.floor(np.log2(inv) + 1e-9), 0, self.n_mips - 1).astype(int)
+
+    @functools.cached_property
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each canvas row's level (-1 in gaps) and its row within that level."""
+        level, local = np.full(self.canvas_hw[0], -1, np.int32), np.zeros(self.canvas_hw[0], np.int32)
+        for k, ((bh, _), oy) in enumerate(zip(self.bufs, self.offsets)):
+            level[oy : oy + bh], local[oy : oy + bh] = k, np.arange(bh)
+        return level, local
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[int, int, int], ...]:
+        """Canvas slices (first row, end row, width) P-Net runs on: level 0, level 1, then all smaller
+        levels, each at its own width (one slice of the full canvas width would waste 70 % on padding)."""
+        b, o, hc = self.bufs, self.offsets, self.canvas_hw[0]
+        if len(b) < 3:
+            return tuple((oy, oy + bh, bw) for (bh, bw), oy in zip(b, o)) or ((0, hc, self.canvas_hw[1]),)
+        return ((0, b[0][0], b[0][1]), (o[1], o[1] + b[1][0], b[1][1]), (o[2], hc, b[2][1]))
+
+    @functools.cached_property
+    def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the P-Net maps of all groups, flattened: windows (M, 4) in float64 as MATLAB computes them,
+        then float32; each cell's level (M,) (-1 outside levels) and (row, col) within the level (M, 2).
+        Passed to the jitted cascade as arguments: as constants they would slow its compilation."""
+        wins, levels, rcs = [], [], []
+        for r0, r1, width in self.groups:
+            mh, mw = (int(v) for v in pnet_map_size(np.array([r1 - r0, width])))
+            level, lrow = np.full(mh, -1, np.int32), np.zeros(mh, np.int32)
+            for k, ((bh, _), oy) in enumerate(zip(self.bufs, self.offsets)):
+                if r0 <= oy < r1:
+                    n = max(int(pnet_map_size(np.array(bh))), 0)
+                    level[(oy - r0) // 2 : (oy - r0) // 2 + n], lrow[(oy - r0) // 2 : (oy - r0) // 2 + n] = k, np.arange(n)
+            scale = np.array(self.scales + (1.0,))[level]  # level -1 gets a dummy scale
+            rows, cols = np.meshgrid(lrow, np.arange(mw), indexing="ij")
+            wins.append(bx.pnet_windows(rows, cols, scale[:, None]).reshape(-1, 4))
+            levels.append(np.repeat(level, mw))
+            rcs.append(np.stack([rows.reshape(-1), cols.reshape(-1)], -1))
+        return np.concatenate(wins).astype(np.float32), np.concatenate(levels), np.concatenate(rcs).astype(np.int32)
 
 
-def resample_image(src_HxWxC: Array, in_hw: Array, out_hw: Array, out_buf: tuple[int, int], taps: int) -> Array:
-    """The top-left in_hw region of src resized to out_hw, in an out_buf array with zeros beyond out_hw."""
-    xp = bx.xp_of(src_HxWxC, in_hw, out_hw)
-    iy, wy = resample_taps(0.0, in_hw[0], out_hw[0], out_buf[0], taps)
-    ix, wx = resample_taps(0.0, in_hw[1], out_hw[1], out_buf[1], taps)
-    rows = _resample_rows(src_HxWxC, iy, wy, in_hw[0])
-    return xp.swapaxes(_resample_rows(xp.swapaxes(rows, 0, 1), ix, wx, in_hw[1]), 0, 1)
+def _sum_pool2(x_HxWxC: Array) -> Array:
+    x = x_HxWxC[0::2] + x_HxWxC[1::2]  # strided adds: cheaper than a reshape-sum on XLA:CPU
+    return x[:, 0::2] + x[:, 1::2]
 
 
-def build_pyramid(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, bufs: list[tuple[int, int]],
-                  config: CascadeConfig) -> list[Array]:
-    """Pyramid levels in pixel units: level 0 from the image, each next level from the previous one."""
-    levels, src, src_hw, taps = [], image_HxWx3, image_hw, level_taps(config)
-    for k, buf in enumerate(bufs):
-        src = resample_image(src, src_hw, level_hw_Lx2[k], buf, taps)
-        src_hw = level_hw_Lx2[k]
-        levels.append(src)
-    return levels
+def mip_pyramid(image_HxWx3: Array, image_hw: Array, n_mips: int) -> list[Array]:
+    """Mips of the real image region: mip j is the exact 2^j x 2^j area average over REAL pixels only,
+    so padding never leaks in. The image must be zero outside its real h x w; mip 0 is the image."""
+    xp = bx.xp_of(image_HxWx3, image_hw)
+    step = 2 ** (n_mips - 1)
+    h, w = image_HxWx3.shape[:2]
+    hp, wp = -(-h // step) * step, -(-w // step) * step
+    sums = xp.pad(xp.asarray(image_HxWx3, xp.float32), ((0, hp - h), (0, wp - w), (0, 0)))
+    mips = [sums]
+    for j in range(1, n_mips):
+        sums, size = _sum_pool2(sums), 2**j
+        rows = xp.clip(image_hw[0] - xp.arange(hp // size) * size, 0, size)  # real pixels per block row
+        cols = xp.clip(image_hw[1] - xp.arange(wp // size) * size, 0, size)
+        mips.append(sums / xp.maximum(rows[:, None] * cols[None, :], 1)[..., None].astype(xp.float32))
+    return mips
+
+
+def _group_source(mips: list[Array], js: list[int], xp) -> tuple[Array, dict[int, int]]:
+    """The array a P-Net group's rows are gathered from: its one mip, or its mips stacked (padded to a
+    common width) when its levels use several; and each mip's first row in it."""
+    if len(js) == 1:
+        return mips[js[0]], {js[0]: 0}
+    width = max(mips[j].shape[1] for j in js)
+    parts = [xp.pad(mips[j], ((0, 0), (0, width - mips[j].shape[1]), (0, 0))) for j in js]
+    return xp.concatenate(parts), dict(zip(js, np.cumsum([0] + [p.shape[0] for p in parts[:-1]]).tolist()))
+
+
+def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> list[Array]:
+    """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
+    group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
+    2^-j scale just larger than it); zero elsewhere. Per group: one vertical and one horizontal gather."""
+    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
+    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips)
+    hw, lhw = xp.asarray(image_hw, xp.float32), xp.asarray(level_hw_Lx2, xp.float32)
+    zero, div = xp.zeros_like(lhw[:, 0]), xp.asarray(2.0 ** plan.mips, xp.float32)
+    iy, wy = resample_taps(zero, hw[0] / div, lhw[:, 0], max(b[0] for b in plan.bufs), plan.taps)
+    ix, wx = resample_taps(zero, hw[1] / div, lhw[:, 1], plan.canvas_hw[1], plan.taps)
+    level, local = plan.rows
+    groups = []
+    for r0, r1, width in plan.groups:
+        lvl, loc, on = np.maximum(level[r0:r1], 0), local[r0:r1], (level[r0:r1] >= 0)
+        js = sorted({int(plan.mips[k]) for k in set(lvl[on].tolist())})
+        src, first = _group_source(mips, js, xp)
+        base = np.array([first.get(int(j), 0) for j in plan.mips])[lvl]
+        rows_RxT = xp.clip(iy[lvl, loc] + base[:, None], 0, src.shape[0] - 1)
+        wy_RxT = xp.where(on[:, None], wy[lvl, loc], 0.0)
+        v = sum(wy_RxT[:, t, None, None] * src[rows_RxT[:, t]] for t in range(plan.taps))  # (R, W_src, 3)
+        cols = xp.clip(ix, 0, v.shape[1] - 1)
+        if len(set(lvl[on].tolist())) == 1:  # one level: every row shares its column taps
+            k = int(lvl[on][0])
+            groups.append(sum(wx[k, :width, t, None] * v[:, cols[k, :width, t]] for t in range(plan.taps)))
+        else:  # several levels stacked: each row uses its own level's taps
+            c, w = cols[lvl, :width], xp.where(on[:, None, None], wx[lvl, :width], 0.0)
+            groups.append(sum(w[..., t, None] * xp.take_along_axis(v, c[..., t, None], axis=1)
+                              for t in range(plan.taps)))
+    return groups
+
+
+def level_masks(level_hw_Lx2: Array, plan: PyramidPlan) -> list[Array]:
+    """Real pixels (rows, width) of each P-Net group for one image's level sizes."""
+    xp = bx.xp_of(level_hw_Lx2)
+    level, local = plan.rows
+    lhw = xp.asarray(level_hw_Lx2)[np.maximum(level, 0)]
+    real = ((level >= 0) & (local < lhw[:, 0]))[:, None] & (xp.arange(plan.canvas_hw[1])[None, :] < lhw[:, 1:2])
+    return [real[r0:r1, :width] for r0, r1, width in plan.groups]
+
+
+def _level_place(plan: PyramidPlan, k: int) -> tuple[int, int]:
+    """(group index, first row within that group) of level k."""
+    oy = plan.offsets[k]
+    g = next(i for i, (r0, r1, _) in enumerate(plan.groups) if r0 <= oy < r1)
+    return g, oy - plan.groups[g][0]
+
+
+def level_views(groups: list[Array], level_hw_Lx2: np.ndarray, plan: PyramidPlan) -> list[Array]:
+    """The levels as separate arrays of their real sizes (readable path, host)."""
+    out = []
+    for k, (h, w) in enumerate(np.asarray(level_hw_Lx2).tolist()):
+        g, row = _level_place(plan, k)
+        out.append(groups[g][row : row + h, :w])
+    return out
 
 
 # ----------------------------------------------------------------------------- crops (shared)
@@ -169,17 +303,20 @@ class CropSources:
     scale_Jx2: Array
 
 
-def crop_sources(image_HxWx3: Array, image_hw: Array, levels: list[Array], level_hw_Lx2: Array,
-                 scales: list[float]) -> CropSources:
-    """Gather the image and its downscaled levels (scale <= 1) as crop sources."""
-    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2, *levels)
-    use = [k for k, s in enumerate(scales) if s <= 1.0]
-    arrays = [image_HxWx3] + [levels[k] for k in use]
-    sizes = [a.shape[0] * a.shape[1] for a in arrays]
-    hw = xp.stack([xp.asarray(image_hw, dtype=xp.int32)] + [xp.asarray(level_hw_Lx2[k], dtype=xp.int32) for k in use])
-    atlas = xp.concatenate([a.reshape(-1, 3) for a in arrays])
-    return CropSources(atlas, tuple(int(o) for o in np.cumsum([0] + sizes[:-1])),
-                       tuple(a.shape[1] for a in arrays), hw, hw / xp.asarray(hw[0], dtype=xp.float32))
+def crop_sources(image_HxWx3: Array, image_hw: Array, groups: list[Array], level_hw_Lx2: Array,
+                 plan: PyramidPlan) -> CropSources:
+    """The image and its downscaled pyramid levels (scale <= 1, inside the P-Net groups) as crop sources."""
+    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2, *groups)
+    use = [k for k, s in enumerate(plan.scales) if s <= 1.0]
+    hb, wb = image_HxWx3.shape[:2]
+    hw = xp.concatenate([xp.asarray(image_hw, xp.int32)[None], xp.asarray(level_hw_Lx2, xp.int32)[np.array(use, int)]])
+    hw = hw.reshape(-1, 2)
+    bases = np.cumsum([hb * wb] + [g.shape[0] * g.shape[1] for g in groups[:-1]])
+    places = [_level_place(plan, k) for k in use]
+    offsets = (0,) + tuple(int(bases[g] + row * groups[g].shape[1]) for g, row in places)
+    widths = (wb,) + tuple(groups[g].shape[1] for g, _ in places)
+    atlas = xp.concatenate([xp.asarray(image_HxWx3, xp.float32).reshape(-1, 3)] + [g.reshape(-1, 3) for g in groups])
+    return CropSources(atlas, offsets, widths, hw, hw / xp.asarray(hw[0], xp.float32))
 
 
 def crop_patches(src: CropSources, boxes_Nx4: Array, out: int, taps: int) -> Array:
@@ -209,34 +346,53 @@ def _probability(logits: Array) -> np.ndarray:
     return np.asarray(nets.face_probability(logits))
 
 
+_jitted_nets = {stage: jax.jit(fn) for stage, fn in nets.NETS.items()}
+
+
+def _run_net(stage: str, params: dict, x_Nx: np.ndarray) -> dict[str, np.ndarray]:
+    """A net on a host batch (readable path), jitted, with N padded to a power of two so only a
+    handful of shapes ever compile."""
+    n = len(x_Nx)
+    size = 1 << max(4, (n - 1).bit_length()) if stage != "pnet" else n
+    x = np.concatenate([x_Nx, np.zeros((size - n,) + x_Nx.shape[1:], x_Nx.dtype)]) if size > n else x_Nx
+    return {k: np.asarray(v)[:n] for k, v in _jitted_nets[stage](params, nets.normalize(x)).items()}
+
+
 # ----------------------------------------------------------------------------- the readable path
 
 def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = CascadeConfig()) -> dict:
     """Run the cascade step by step with dynamic shapes and return every stage's result.
 
-    Keys: "scales", "levels" (pixel-unit arrays), "pnet_levels" (per level: windows, scores after the
-    level's NMS), "pnet" / "rnet" / "onet" (boxes_Nx4, scores_N after each stage) and "landmarks".
+    Keys: "scales", "levels" (pixel-unit arrays), "pnet_levels" (per level: windows and scores after the
+    level's NMS, and how many windows passed t1), "pnet" / "rnet" / "onet" (boxes_Nx4, scores_N after
+    each stage) and "landmarks" (N, 5, 2).
     """
     image = np.asarray(image_HxWx3, np.float32)
     h, w = image.shape[:2]
-    scales = pyramid_scales(h, w, config.min_face_size, config.scale_factor)
-    sizes = level_sizes(h, w, scales)
-    levels = build_pyramid(image, np.array([h, w]), sizes, [tuple(s) for s in sizes], config)
-    steps: dict[str, Any] = {"scales": scales, "levels": levels, "pnet_levels": []}
-    found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, scales)]
-    steps["pnet_levels"] = [{"boxes": f[0], "scores": f[1], "n_above_threshold": f[3]} for f in found]
-    win, score, reg = (np.concatenate([f[i] for f in found]) for i in range(3))
+    plan = PyramidPlan.of(h, w, config)
+    if not plan.scales:  # smaller than one 12-pixel window at the first scale: nothing to detect
+        none = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32)}
+        return {"scales": [], "levels": [], "pnet_levels": [], "pnet": none, "rnet": none, "onet": none,
+                "landmarks": np.zeros((0, 5, 2), np.float32)}
+    sizes = level_sizes(h, w, list(plan.scales))
+    groups = [np.asarray(g) for g in build_levels(image, np.array([h, w]), sizes, plan)]
+    levels = level_views(groups, sizes, plan)
+    found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, plan.scales)]
+    steps: dict[str, Any] = {"scales": list(plan.scales), "levels": levels, "pnet_levels": [
+        {"boxes": f[0], "scores": f[1], "n_above_threshold": f[3]} for f in found]}
+    win, score, reg = (np.concatenate([f[i] for f in found] + [np.zeros((0,) + e, np.float32)])
+                       for i, e in enumerate([(4,), (), (4,)]))
     keep = bx.nms(win, score, config.nms_pnet)
     b1 = bx.fix(bx.square(bx.regress(win[keep], reg[keep], plus_one=False)))
     steps["pnet"] = {"boxes": b1, "scores": score[keep]}
-    src = crop_sources(image, np.array([h, w]), levels, sizes, scales)
-    out = nets.rnet(params["rnet"], nets.normalize(crop_patches(src, b1, 24, crop_taps(config))))
+    src = crop_sources(image, np.array([h, w]), groups, sizes, plan)
+    out = _run_net("rnet", params["rnet"], crop_patches(src, b1, 24, crop_taps(config)))
     prob, reg = _probability(out["logits"]), np.asarray(out["box"])
     passed = np.nonzero(prob > config.thresholds[1])[0]
     keep = passed[bx.nms(b1[passed], prob[passed], config.nms_rnet)]
     b2 = bx.fix(bx.square(bx.regress(b1[keep], reg[keep], plus_one=True)))
     steps["rnet"] = {"boxes": b2, "scores": prob[keep]}
-    out = nets.onet(params["onet"], nets.normalize(crop_patches(src, b2, 48, crop_taps(config))))
+    out = _run_net("onet", params["onet"], crop_patches(src, b2, 48, crop_taps(config)))
     prob, reg, rel = _probability(out["logits"]), np.asarray(out["box"]), np.asarray(out["landmarks"])
     passed = np.nonzero(prob > config.thresholds[2])[0]
     points = bx.landmarks_from_relative(b2[passed], rel[passed])
@@ -250,8 +406,8 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
 def _pnet_level_steps(params: dict, level_HxWx3: np.ndarray, scale: float, config: CascadeConfig):
     """One level: windows whose face probability >= t1, after the level's own NMS (Union 0.5), and how
     many windows passed the threshold before that NMS."""
-    out = nets.pnet(params, nets.normalize(level_HxWx3)[None])
-    prob, reg = _probability(out["logits"])[0], np.asarray(out["box"])[0]
+    out = _run_net("pnet", params, level_HxWx3[None])
+    prob, reg = _probability(out["logits"])[0], out["box"][0]
     rows, cols = np.nonzero(prob >= config.thresholds[0])
     win = bx.pnet_windows(rows, cols, scale).astype(np.float32)
     keep = bx.nms(win, prob[rows, cols], config.nms_level)
@@ -260,41 +416,17 @@ def _pnet_level_steps(params: dict, level_HxWx3: np.ndarray, scale: float, confi
 
 # ----------------------------------------------------------------------------- the fixed-shape path
 
-@dataclass(frozen=True)
-class BucketPlan:
-    """What is static for one bucket: its pyramid scales, level buffers and P-Net window tables."""
+# ----------------------------------------------------------------------------- the fixed-shape path
 
-    scales: tuple[float, ...]
-    bufs: tuple[tuple[int, int], ...]
-
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def of(hb: int, wb: int, config: CascadeConfig) -> "BucketPlan":
-        scales = pyramid_scales(hb, wb, config.min_face_size, config.scale_factor)
-        return BucketPlan(tuple(scales), tuple(map(tuple, level_sizes(hb, wb, scales).tolist())))
-
-    @functools.cached_property
-    def windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """All levels' P-Net windows (M, 4) for their buffer-sized maps, row-major per level, and each
-        window's level (M,). Computed in float64 as MATLAB does, then stored as float32; passed to the
-        jitted cascade as an argument (a constant this large would slow its compilation)."""
-        wins, ids = [], []
-        for k, buf in enumerate(self.bufs):
-            mh, mw = (int(v) for v in pnet_map_size(np.array(buf)))
-            rows, cols = np.meshgrid(np.arange(mh), np.arange(mw), indexing="ij")
-            wins.append(bx.pnet_windows(rows.reshape(-1), cols.reshape(-1), self.scales[k]))
-            ids.append(np.full(mh * mw, k, np.int32))
-        return np.concatenate(wins).astype(np.float32), np.concatenate(ids)
-
-
-def _pnet_candidates(prob_M, reg_Mx4, mask_M, windows_Mx4, level_M, config: CascadeConfig):
-    """One image, all levels' cells at once: windows >= t1 compacted into `window_capacity` slots, NMS
+def _pnet_candidates(prob_M, reg_Mx4, mask_M, windows_Mx4, level_M, capacities, config: CascadeConfig):
+    """One image, all levels' cells at once: windows >= t1 compacted into the window capacity, NMS
     (Union 0.5) within each level, NMS (Union 0.7) over all, then regression without +1, squaring and fix."""
-    win, score, reg, level, valid, over_window = bx.compact(mask_M, prob_M, config.window_capacity,
+    window_capacity, pnet_capacity = capacities
+    win, score, reg, level, valid, over_window = bx.compact(mask_M, prob_M, window_capacity,
                                                             windows_Mx4, prob_M, reg_Mx4, level_M)
     keep = bx.nms_fixed(win, score, valid, config.nms_level, groups_K=level)
     keep = bx.nms_fixed(win, score, keep, config.nms_pnet)
-    win, score, reg, valid, over_pnet = bx.compact(keep, score, config.pnet_capacity, win, score, reg)
+    win, score, reg, valid, over_pnet = bx.compact(keep, score, pnet_capacity, win, score, reg)
     return bx.fix(bx.square(bx.regress(win, reg, plus_one=False))), score, valid, over_window, over_pnet
 
 
@@ -346,67 +478,81 @@ jax.tree_util.register_dataclass(CropSources, data_fields=["atlas_Px3", "hw_Jx2"
                                  meta_fields=["offsets", "widths"])
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, windows_Mx4, level_M,
-             config: CascadeConfig):
-    """The whole cascade for one bucket, fixed shapes throughout."""
+def _cell_mask(prob_BxM, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, t1: float):
+    """Canvas P-Net cells that lie inside their level's real map, on a level the image uses, with p >= t1."""
+    lvl = jnp.maximum(cell_level_M, 0)
+    maps = pnet_map_size(level_hw_BxLx2)[:, lvl]  # (B, M, 2)
+    inside = (cell_rc_Mx2[None, :, 0] < maps[..., 0]) & (cell_rc_Mx2[None, :, 1] < maps[..., 1])
+    return (cell_level_M >= 0)[None] & level_on_BxL[:, lvl] & inside & (prob_BxM >= t1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "upto"))
+def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, windows_Mx4, cell_level_M,
+             cell_rc_Mx2, config: CascadeConfig, upto: str = "onet"):
+    """The whole cascade for one bucket, fixed shapes throughout (stopping after `upto`)."""
     bsz, hb, wb, _ = images_BxHxWx3.shape
-    plan = BucketPlan.of(hb, wb, config)
-    images = images_BxHxWx3.astype(jnp.float32)
-    levels = jax.vmap(lambda im, hw, lhw: build_pyramid(im, hw, lhw, list(plan.bufs), config))(
-        images, sizes_Bx2, level_hw_BxLx2)
-    probs, regs, masks = [], [], []
-    for k, level in enumerate(levels):
-        out = nets.pnet(params["pnet"], nets.normalize(level), valid_hw=level_hw_BxLx2[:, k])
-        prob = nets.face_probability(out["logits"])
-        mh, mw = prob.shape[1:]
-        map_hw = jnp.where(level_on_BxL[:, k, None], pnet_map_size(level_hw_BxLx2[:, k]), 0)
-        inside = (jnp.arange(mh)[None, :, None] < map_hw[:, 0, None, None]) & (
-            jnp.arange(mw)[None, None, :] < map_hw[:, 1, None, None])
-        probs.append(prob.reshape(bsz, -1))
+    plan = PyramidPlan.of(hb, wb, config)
+    rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
+    cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
+    images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
+    groups = jax.vmap(lambda im, hw, lhw: build_levels(im, hw, lhw, plan))(images, sizes_Bx2, level_hw_BxLx2)
+    masks = jax.vmap(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
+    probs, regs = [], []
+    for group, real in zip(groups, masks):
+        out = nets.pnet(params["pnet"], nets.normalize(group), valid_mask=real)
+        probs.append(nets.face_probability(out["logits"]).reshape(bsz, -1))
         regs.append(out["box"].reshape(bsz, -1, 4))
-        masks.append((inside & (prob >= config.thresholds[0])).reshape(bsz, -1))
+    prob = jnp.concatenate(probs, axis=1)
+    mask = _cell_mask(prob, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, config.thresholds[0])
     b1, s1, v1, over_window, over_pnet = jax.vmap(
-        functools.partial(_pnet_candidates, windows_Mx4=windows_Mx4, level_M=level_M, config=config))(
-        jnp.concatenate(probs, 1), jnp.concatenate(regs, 1), jnp.concatenate(masks, 1))
-    srcs = jax.vmap(lambda im, hw, lv, lhw: crop_sources(im, hw, lv, lhw, list(plan.scales)))(
-        images, sizes_Bx2, levels, level_hw_BxLx2)
+        functools.partial(_pnet_candidates, windows_Mx4=windows_Mx4, level_M=cell_level_M,
+                          capacities=bucket_capacities(config, hb, wb), config=config))(
+        prob, jnp.concatenate(regs, axis=1), mask)
+    overflow = {"window": over_window, "pnet": over_pnet}
+    if upto == "pnet":
+        return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
+    srcs = jax.vmap(lambda im, hw, gs, lhw: crop_sources(im, hw, gs, lhw, plan))(
+        images, sizes_Bx2, groups, level_hw_BxLx2)
     r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24, crop_taps(config)), b1, v1, config.net_chunk)
-    b2, s2, v2, over_rnet = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
+    b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
+    if upto == "rnet":
+        return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
     o = _run_in_chunks(_stage_net(nets.onet, params["onet"], srcs, 48, crop_taps(config)), b2, v2, config.net_chunk)
-    b3, s3, pts, v3, over_faces = jax.vmap(functools.partial(_after_onet, config=config))(
+    b3, s3, pts, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
         b2, v2, o["prob"], o["box"], o["landmarks"])
-    overflow = {"window": over_window, "pnet": over_pnet, "rnet": over_rnet, "faces": over_faces}
     return {"boxes": b3, "scores": s3, "landmarks": pts, "valid": v3, "overflow": overflow}
 
 
 def image_plan(sizes_Bx2: np.ndarray, bucket_hw: tuple[int, int], config: CascadeConfig):
     """Per-image runtime inputs for a bucket: real level sizes (B, L, 2) and which levels each image uses."""
-    plan = BucketPlan.of(*bucket_hw, config)
-    level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2])
-    level_on = np.stack([np.arange(len(plan.scales)) < len(pyramid_scales(int(h), int(w), config.min_face_size,
-                                                                           config.scale_factor))
-                         for h, w in sizes_Bx2])
-    return level_hw.reshape(len(sizes_Bx2), len(plan.scales), 2), level_on
+    plan = PyramidPlan.of(*bucket_hw, config)
+    n = len(plan.scales)
+    level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2]).reshape(-1, n, 2)
+    used = [len(pyramid_scales(int(h), int(w), config.min_face_size, config.scale_factor)) for h, w in sizes_Bx2]
+    return level_hw, np.arange(n)[None, :] < np.array(used)[:, None]
 
 
 def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray,
-                  config: CascadeConfig = CascadeConfig()) -> dict:
+                  config: CascadeConfig = CascadeConfig(), upto: str = "onet") -> dict:
     """Detect faces in a batch of images zero-padded (bottom/right) into one bucket.
 
     Returns numpy "boxes" (B, F, 4), "scores" (B, F), "landmarks" (B, F, 5, 2), "valid" (B, F) (valid
     rows first, by score) and "overflow": {stage: (B,) candidates dropped by a full capacity}.
-    Compiles once per (bucket height, bucket width, batch size, config).
+    `upto="pnet"` or `"rnet"` stops after that stage (the candidates hard-example mining needs; no
+    landmarks). Compiles once per (bucket height, bucket width, batch size, config, upto).
     """
     images = np.asarray(images_BxHxWx3)
     sizes = np.asarray(sizes_Bx2, np.int32).reshape(-1, 2)
-    hb, wb = images.shape[1:3]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(sizes) != len(images):
         raise ValueError("detect_bucket needs uint8 images (B, H, W, 3) and their real sizes (B, 2)")
+    hb, wb = images.shape[1:3]
     if (sizes < 12).any() or (sizes[:, 0] > hb).any() or (sizes[:, 1] > wb).any():
         raise ValueError(f"image sizes {sizes.tolist()} must be >= 12 and fit the bucket {hb}x{wb}")
-    if not BucketPlan.of(hb, wb, config).scales:
+    if upto not in ("pnet", "rnet", "onet"):
+        raise ValueError(f"upto must be 'pnet', 'rnet' or 'onet', got {upto!r}")
+    plan = PyramidPlan.of(hb, wb, config)
+    if not plan.scales:
         raise ValueError(f"bucket {hb}x{wb} is too small for min_face_size={config.min_face_size}")
     level_hw, level_on = image_plan(sizes, (hb, wb), config)
-    out = _cascade(params, images, sizes, level_hw, level_on, *BucketPlan.of(hb, wb, config).windows, config)
+    out = _cascade(params, images, sizes, level_hw, level_on, *plan.cells, config=config, upto=upto)
     return jax.tree_util.tree_map(np.asarray, out)

@@ -56,13 +56,6 @@ def max_pool_ceil(x_NxHxWxC: jax.Array, window: int, stride: int) -> jax.Array:
     return nn.max_pool(x_NxHxWxC, (window, window), (stride, stride), padding=pads)
 
 
-def _mask_padding(x_NxHxWxC: jax.Array, valid_hw_Nx2: jax.Array, fill: float) -> jax.Array:
-    """Replace the rows/columns at or beyond each image's valid height/width by `fill`."""
-    rows = jnp.arange(x_NxHxWxC.shape[1])[None, :, None] < valid_hw_Nx2[:, 0, None, None]
-    cols = jnp.arange(x_NxHxWxC.shape[2])[None, None, :] < valid_hw_Nx2[:, 1, None, None]
-    return jnp.where((rows & cols)[..., None], x_NxHxWxC, fill)
-
-
 class ConvPReLU(nn.Module):
     """A valid (unpadded) stride-1 convolution followed by a per-channel PReLU."""
 
@@ -80,13 +73,14 @@ class PNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, deterministic: bool = True, valid_hw: jax.Array | None = None
+        self, x: jax.Array, deterministic: bool = True, valid_mask: jax.Array | None = None
     ) -> dict[str, jax.Array]:
         x = ConvPReLU(10, 3, name="conv1")(x)
-        if valid_hw is not None:  # zero-padded inputs: pool only what the unpadded image would have
-            x = _mask_padding(x, valid_hw - 2, -jnp.inf)
+        if valid_mask is not None:  # padded inputs: pool only what each unpadded region would have
+            m = valid_mask[:, :-2, :-2] & valid_mask[:, 2:, 2:]  # 3x3 windows inside one region
+            x = jnp.where(m[..., None], x, -jnp.inf)
         x = max_pool_ceil(x, 2, 2)
-        if valid_hw is not None:
+        if valid_mask is not None:
             x = jnp.where(jnp.isneginf(x), 0.0, x)
         x = ConvPReLU(16, 3, name="conv2")(x)
         x = ConvPReLU(32, 3, name="conv3")(x)
@@ -135,16 +129,17 @@ def _apply(stage: str, params: Params, x: jax.Array, dropout_rng: jax.Array | No
 
 
 def pnet(
-    params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None, valid_hw: jax.Array | None = None
+    params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None, valid_mask: jax.Array | None = None
 ) -> dict[str, jax.Array]:
     """P-Net on (N, H, W, 3) normalised images, H, W >= 12: maps of (N, H', W', 2|4), one cell
     per 12x12 window at stride 2. `dropout_rng` is accepted for a uniform signature (P-Net has none).
 
-    `valid_hw` (N, 2): the real size of each image when the batch is zero-padded at the bottom/right;
-    every output cell of the real image's map then equals the unpadded result exactly (Caffe's
-    ceil pooling would otherwise let padding into the last row/column of cells).
+    `valid_mask` (N, H, W) bool marks real pixels when images are zero-padded or several are packed
+    into one canvas (rectangles at even offsets, at least 2 pixels apart): every cell whose window lies
+    in one rectangle then equals the result on that rectangle alone (Caffe's ceil pooling would
+    otherwise let the neighbouring pixels into the last row/column of cells).
     """
-    kw = {} if valid_hw is None else {"valid_hw": jnp.asarray(valid_hw)}
+    kw = {} if valid_mask is None else {"valid_mask": jnp.asarray(valid_mask, bool)}
     return _apply("pnet", params, x, dropout_rng, **kw)
 
 

@@ -1,0 +1,169 @@
+"""The cascade: the fixed-shape jitted path against the readable path, padding, compiles, overflow, peers."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtcnn_jax import boxes as bx
+from mtcnn_jax import cascade
+from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
+
+PHOTOS = ["angelina_jolie.jpg", "ivan.jpg", "kate_siegel.jpg", "multiface.jpg", "no-faces.jpg", "paul_rudd.jpg",
+          "shea_whigham.jpg"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    try:
+        return load_pretrained()
+    except WeightsNotFoundError as err:
+        pytest.skip(f"original weights unavailable: {err}")
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data):
+    return {name: np.asarray(Image.open(shared_data / "reference" / name).convert("RGB")) for name in PHOTOS}
+
+
+def run_fixed(params, images, bucket, config=cascade.CascadeConfig()):
+    """Pad images into one bucket (bottom/right zeros) and run the jitted cascade."""
+    batch = np.zeros((len(images), *bucket, 3), np.uint8)
+    for i, im in enumerate(images):
+        batch[i, : im.shape[0], : im.shape[1]] = im
+    return cascade.detect_bucket(params, batch, np.array([im.shape[:2] for im in images]), config)
+
+
+def assert_same_detections(fixed, i, steps):
+    """Image i of a fixed-path result has the readable path's final detections: the same set, matched
+    by IoU; boxes and landmarks within 1.5 px and scores within 2e-3. (P-Net on the packed canvas and on
+    each level separately differ by float rounding, ~3e-5 in probability, which can flip a truncation
+    to the next pixel, and so a crop.)"""
+    v = fixed["valid"][i]
+    ours_b, ours_s, ours_l = fixed["boxes"][i][v], fixed["scores"][i][v], fixed["landmarks"][i][v]
+    ref_b, ref_s, ref_l = steps["onet"]["boxes"], steps["onet"]["scores"], steps["landmarks"]
+    assert len(ours_b) == len(ref_b)
+    if not len(ref_b):
+        return
+    match = bx.iou_matrix(ref_b, ours_b).argmax(axis=1)
+    assert sorted(match.tolist()) == list(range(len(ours_b)))  # one-to-one
+    np.testing.assert_allclose(ours_b[match], ref_b, atol=1.5)
+    np.testing.assert_allclose(ours_s[match], ref_s, atol=2e-3)
+    np.testing.assert_allclose(ours_l[match], ref_l, atol=1.5)
+    assert np.all(np.diff(ours_s) <= 0)  # valid rows by descending score
+
+
+@pytest.fixture(scope="module")
+def photo_results(params, photos):
+    """Every reference photo through both paths; the fixed path in ONE 2048x2048 bucket for all, so
+    the small photos also show that padding never creates or changes a detection."""
+    fixed = {name: run_fixed(params, [im], (2048, 2048)) for name, im in photos.items()}
+    steps = {name: cascade.detect_steps(params, photos[name]) for name in READABLE}
+    return fixed, steps
+
+
+READABLE = ["ivan.jpg", "multiface.jpg", "no-faces.jpg"]  # the readable path compiles P-Net per level size
+
+
+def test_fixed_path_equals_readable_path_on_photos(photo_results):
+    fixed, steps = photo_results
+    for name in READABLE:
+        assert_same_detections(fixed[name], 0, steps[name])
+    for name in PHOTOS:
+        assert all(int(o[0]) == 0 for o in fixed[name]["overflow"].values()), name
+    assert fixed["no-faces.jpg"]["valid"].sum() == 0
+    assert fixed["multiface.jpg"]["valid"].sum() >= 6
+
+
+def test_matches_facenet_pytorch_on_photos(photo_results, shared_data):
+    """Every face facenet-pytorch (same weights) reports with score >= 0.9 is found: IoU >= 0.7 and
+    landmarks within 5 % of the box size."""
+    fixed, _ = photo_results
+    peer = json.loads((shared_data / "reference" / "peer_detections.json").read_text())["facenet_pytorch"]
+    checked = 0
+    for name, det in peer.items():
+        ours = fixed[name]
+        v = ours["valid"][0]
+        for box, points in zip(det["boxes"], det["landmarks"]):
+            if box[4] < 0.9:
+                continue
+            iou = bx.iou_matrix(np.array([box[:4]]), ours["boxes"][0][v])[0]
+            assert iou.size and iou.max() >= 0.7, f"{name}: peer face {box} not found (best IoU {iou.max(initial=0):.2f})"
+            j = int(np.argmax(iou))
+            size = max(box[2] - box[0], box[3] - box[1])
+            err = np.linalg.norm(ours["landmarks"][0][v][j] - np.array(points), axis=1).max()
+            assert err <= 0.05 * size, f"{name}: landmark error {err:.1f} px > 5 % of {size:.0f}"
+            checked += 1
+    assert checked == 11  # 1 + 1 + 1 + 6 + 1 + 1 faces at score >= 0.9 on the seven photos
+
+
+def test_random_images_mixed_sizes_in_one_batch(params):
+    """Random images of different sizes in one padded batch: each equals the readable path on its own."""
+    rng = np.random.default_rng(0)
+
+    def blocky(h, w):  # 6x6-pixel random blocks: noise with edges P-Net and R-Net respond to
+        small = rng.integers(0, 256, (h // 6 + 1, w // 6 + 1, 3), dtype=np.uint8)
+        return np.repeat(np.repeat(small, 6, 0), 6, 1)[:h, :w]
+
+    images = [blocky(150, 131), blocky(97, 160), rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)]
+    config = cascade.CascadeConfig(thresholds=(0.2, 0.1, 0.05))  # let noise through every stage
+    fixed = run_fixed(params, images, (192, 192), config)
+    reached = np.zeros(3, int)
+    for i, im in enumerate(images):
+        steps = cascade.detect_steps(params, im, config)
+        assert_same_detections(fixed, i, steps)
+        reached += [len(steps[s]["scores"]) for s in ("pnet", "rnet", "onet")]
+    assert (reached > 0).all()  # every stage had candidates: the comparison is not between empty results
+
+
+def test_no_recompile_for_a_seen_bucket(params):
+    rng = np.random.default_rng(1)
+    before = cascade._cascade._cache_size()
+    run_fixed(params, [rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)], (64, 64))
+    after_first = cascade._cascade._cache_size()
+    run_fixed(params, [rng.integers(0, 256, (64, 33, 3), dtype=np.uint8)], (64, 64))
+    run_fixed(params, [rng.integers(0, 256, (20, 64, 3), dtype=np.uint8)], (64, 64))
+    assert after_first == before + 1
+    assert cascade._cascade._cache_size() == after_first
+
+
+def test_overflow_is_counted_not_hidden(params, photos):
+    im = photos["multiface.jpg"]
+    small = cascade.CascadeConfig(window_capacity=256, pnet_capacity=32, rnet_capacity=32, max_faces=4)
+    out = run_fixed(params, [im], cascade.bucket_shape(*im.shape[:2]), small)
+    steps = cascade.detect_steps(params, im)
+    above = sum(level["n_above_threshold"] for level in steps["pnet_levels"])
+    assert int(out["overflow"]["window"][0]) == above - 256
+    assert int(out["overflow"]["pnet"][0]) > 0 and int(out["overflow"]["faces"][0]) >= 2
+    assert out["valid"][0].sum() == 4
+
+
+def test_bad_bucket_inputs_are_refused(params):
+    with pytest.raises(ValueError, match="fit the bucket"):
+        cascade.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[80, 64]]))
+    with pytest.raises(ValueError, match=">= 12"):
+        cascade.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[11, 64]]))
+
+
+def test_pyramid_plan_matches_detect_face_m():
+    # 561 x 561, minsize 20: m = 0.6, levels while 561 * 0.6 * 0.709^k >= 12 -> k = 0..9
+    scales = cascade.pyramid_scales(561, 561, 20, 0.709)
+    assert len(scales) == 10 and scales[0] == pytest.approx(0.6) and scales[-1] == pytest.approx(0.6 * 0.709**9)
+    assert cascade.level_sizes(561, 561, scales)[:2].tolist() == [[337, 337], [239, 239]]  # ceil(336.6), ceil(238.65)
+    assert cascade.pnet_map_size(np.array([12, 13, 14, 337])).tolist() == [1, 2, 2, 164]
+
+
+def test_resample_taps_area_and_bilinear():
+    # Shrinking 4 -> 2: each output averages two source pixels.
+    idx, w = cascade.resample_taps(0.0, 4.0, 2.0, 2, 3)
+    np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(4))).sum(1), [[.5, .5, 0, 0], [0, 0, .5, .5]])
+    # Shrinking 3 -> 2: footprints of 1.5 pixels, weights 2/3 and 1/3.
+    idx, w = cascade.resample_taps(0.0, 3.0, 2.0, 2, 3)
+    np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(3))).sum(1), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]], atol=1e-6)
+    # Enlarging 2 -> 4: half-pixel centres at -0.25, 0.25, 0.75, 1.25, clamped to the interval.
+    idx, w = cascade.resample_taps(0.0, 2.0, 4.0, 4, 3)
+    np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(2))).sum(1), [[1, 0], [.75, .25], [.25, .75], [0, 1]])
+    # Past out_len nothing is sampled.
+    _, w = cascade.resample_taps(0.0, 4.0, 2.0, 3, 3)
+    assert w[2].sum() == 0
