@@ -324,7 +324,7 @@ def _draw_name(rel: str) -> str:
 
 
 def _write_drawing(out_dir: Path, rel: str, img: np.ndarray, det: Detections) -> None:
-    from mtcnn_jax._draw import annotate_image
+    from mtcnn_jax.visualize import annotate_image
 
     target = out_dir / _draw_name(rel)
     target.parent.mkdir(parents=True, exist_ok=True)
