@@ -3,10 +3,15 @@
 A cascade checkpoint is an Orbax StandardCheckpointer directory holding the tree
 {"pnet": ..., "rnet": ..., "onet": ...} of plain arrays, the same trees `nets.init_params` and
 `pretrained.load_pretrained` give. Restored leaves are numpy arrays: no training objects needed.
+
+`load_params` also reads one stage's params from a training run (`mtcnn_jax.train`): a WORKDIR with
+config.json and checkpoints/ (an Orbax CheckpointManager directory of steps, each holding
+{"params", "opt_state", "step", "rng"}).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +46,52 @@ def load_cascade(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} is not a cascade checkpoint: it has {sorted(tree)}, missing {missing}")
     return {s: jax.tree_util.tree_map(np.asarray, tree[s]) for s in STAGES}
+
+
+def _numpy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _latest_step_dir(checkpoints: Path) -> Path | None:
+    """The newest step folder of a CheckpointManager directory, or None if it holds no steps."""
+    with ocp.CheckpointManager(checkpoints.resolve(), options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        step = manager.latest_step()
+    return None if step is None else checkpoints / str(step)
+
+
+def _restore_standard(path: Path) -> dict[str, Any]:
+    """An Orbax StandardCheckpointer tree (a step's "default" item or a cascade checkpoint), as saved."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path.resolve())
+
+
+def load_params(path: str | Path, stage: str | None = None) -> Any:
+    """One stage's params as plain numpy dicts, from a training WORKDIR (its latest step; the stage comes
+    from its config.json), its checkpoints/ folder, one step folder, or a cascade checkpoint (needs `stage`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint or training directory at {path}")
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    config = path / "config.json"
+    if config.is_file():
+        trained = json.loads(config.read_text()).get("stage")
+        if stage is not None and stage != trained:
+            raise ValueError(f"{path} is a {trained} training run, not {stage}")
+        path = path / "checkpoints"
+    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+        latest = _latest_step_dir(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no finished checkpoint")
+        path = latest
+    if (path / "default").is_dir():
+        path = path / "default"
+    tree = _restore_standard(path)
+    if "params" in tree:
+        return _numpy(tree["params"])
+    if stage is None:
+        raise ValueError(f"{path} is a cascade checkpoint ({sorted(tree)}): pass stage= to pick one")
+    if stage not in tree:
+        raise ValueError(f"{path} has no {stage} params (it has {sorted(tree)})")
+    return _numpy(tree[stage])
