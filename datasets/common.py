@@ -27,6 +27,17 @@ class Skipped:
         return "; ".join(f"{n} {r} (first: {', '.join(self.names[r])})" for r, n in self.counts.items())
 
 
+class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder that reads files from a manual directory into array_record (no TensorFlow needed);
+    `max_images` keeps the first N images of each split (tests), `skipped` counts the bad entries."""
+
+    def __init__(self, *, max_images: int | None = None, **kwargs):
+        self.max_images = max_images
+        self.skipped = Skipped()
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+
 def image_readable(path: Path, skipped: Skipped) -> bool:
     """Whether the annotation's image exists and PIL can decode it; else it is counted as skipped."""
     from PIL import Image

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datasets.common import Skipped, image_readable
+from datasets.common import ManualBuilder, image_readable
 from mtcnn_jax.evaluate import read_landmark_list
 
 CELEBA_LISTS = ("list_landmarks_celeba.txt", "list_bbox_celeba.txt")
@@ -36,17 +36,11 @@ def face_problem(box_4: np.ndarray, points_5x2: np.ndarray) -> str | None:
     return None if inside.all() else "landmarks outside their box"
 
 
-class _LandmarkFaces(tfds.core.GeneratorBasedBuilder):
+class _LandmarkFaces(ManualBuilder):
     """Shared features and generation; subclasses name their splits and lists."""
 
     VERSION = tfds.core.Version("1.0.0")
     LISTS: dict[str, str | None] = {}
-
-    def __init__(self, *, max_images: int | None = None, **kwargs):
-        self.max_images = max_images
-        self.skipped = Skipped()
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datasets.common import Skipped, image_readable
+from datasets.common import ManualBuilder, image_readable
 
 ATTRIBUTES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 SPLITS = {"train": "train", "validation": "val"}
@@ -46,19 +46,13 @@ def wider_split(manual_dir: str | Path, split: str) -> tuple[Path, list[dict]]:
     return root / f"WIDER_{split}" / "images", read_wider_gt(root / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt")
 
 
-class WiderFace(tfds.core.GeneratorBasedBuilder):
+class WiderFace(ManualBuilder):
     """WIDER FACE train and validation splits; `max_images` keeps the first N images of each (tests)."""
 
     name = "mtcnn_wider_face"  # TFDS's own "wider_face" downloads; this one reads the manual layout
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Place WIDER_train/, WIDER_val/ and wider_face_split/ (official layout) "
                                     "in the manual directory.")
-
-    def __init__(self, *, max_images: int | None = None, **kwargs):
-        self.max_images = max_images
-        self.skipped = Skipped()
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         face = {"box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
