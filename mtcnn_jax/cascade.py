@@ -42,12 +42,13 @@ class CascadeConfig:
     nms_pnet: float = 0.7  # P-Net, over all levels (Union)
     nms_rnet: float = 0.7  # after R-Net (Union)
     nms_onet: float = 0.7  # after O-Net (Min)
-    # None: from the bucket's area (bucket pixels / 512 and / 1024 in multiples of 256, from 1024 to
-    # 4096 and from 512 to 2048), which covered every image we measured; set a number to fix it.
+    # None: from the bucket's area (bucket pixels / 128 and / 512 in multiples of 256, from 1024 to
+    # 16384 and from 512 to 4096), for the crowd images of WIDER FACE; set a number to fix it. The work
+    # of every stage follows its valid candidates, not its capacity (chunked nets, sequential NMS on CPU).
     window_capacity: int | None = None  # P-Net windows >= t1 over all levels, before the NMS
     pnet_capacity: int | None = None  # candidates cropped for R-Net
-    rnet_capacity: int = 128  # candidates cropped for O-Net
-    max_faces: int = 128  # final detections per image
+    rnet_capacity: int = 512  # candidates cropped for O-Net
+    max_faces: int = 512  # final detections per image (WIDER FACE crowds hold hundreds)
     net_chunk: int = 16  # R-Net/O-Net run over chunks of this many slots, only while chunks hold candidates
     bucket_multiple: int = 64  # image sizes are padded up to a multiple of this
 
@@ -61,8 +62,8 @@ class CascadeConfig:
 
 def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int]:
     """(window_capacity, pnet_capacity) for a bucket: the config's values, or derived from its area."""
-    auto = lambda per, least: min(max(least, -(-hb * wb // per // 256) * 256), 4 * least)  # noqa: E731
-    return config.window_capacity or auto(512, 1024), config.pnet_capacity or auto(1024, 512)
+    auto = lambda per, least, most: min(max(least, -(-hb * wb // per // 256) * 256), most)  # noqa: E731
+    return config.window_capacity or auto(128, 1024, 16384), config.pnet_capacity or auto(512, 512, 4096)
 
 
 def bucket_shape(h: int, w: int, multiple: int = 64) -> tuple[int, int]:

@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(_process_chunk(files[start : start + chunk], params, cfg, args, report))
             bar.update(len(files[start : start + chunk]))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({k: d.to_json() for k, d in results.items()}))
     errors = len(files) - len(results)
     print(f"{len(results)} images, {sum(len(d) for d in results.values())} faces, {errors} errors"

@@ -577,6 +577,7 @@ def evaluate_landmarks(
 def _write_json(path: str | None, summary: dict) -> None:
     """Writes the summary numbers (no arrays) as JSON when a path is given."""
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -25,13 +25,19 @@ def _axes(ax: Any = None, figsize: tuple[float, float] = (6.0, 5.0)):
     return fig, ax
 
 
+def _save(fig: Any, path: str | Path | None) -> Any:
+    """Saves the figure when a path is given (creating its folder) and returns it."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
 def _finish(fig: Any, ax: Any, path: str | Path | None) -> Any:
     """Adds grid and legend, saves when a path is given, returns the figure."""
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left" if ax.get_xlabel() == "Recall" else "lower right")
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
+    return _save(fig, path)
 
 
 def plot_pr_curves(
@@ -139,9 +145,7 @@ def draw_detections(image: Any, detections_or_boxes: Any, scores: Any = None, la
             ax.scatter(landmarks[:, j, 0], landmarks[:, j, 1], s=12, c=colour, label=name)
         ax.legend(loc="upper right", fontsize=7, markerscale=1.5)
     ax.set_axis_off()
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
+    return _save(fig, path)
 
 
 def _rectangle(x: float, y: float, w: float, h: float) -> Any:
