@@ -265,24 +265,3 @@ def landmarks_from_relative(boxes_Nx4: Array, rel_Nx10: Array) -> Array:
     xs = w * p[..., :5] + b[..., 0:1] - 1
     ys = h * p[..., 5:] + b[..., 1:2] - 1
     return xp.stack([xs, ys], axis=-1)
-
-
-def crop_sampling(boxes_Nx4: Array, size: int) -> tuple[Array, Array]:
-    """Source coordinates (xs_NxS, ys_NxS) at which to sample a size x size crop of each box.
-
-    Boxes are fixed (integer) 1-based inclusive coordinates: the crop covers 0-based columns
-    x1-1 .. x2-1 (width x2 - x1 + 1) and rows y1-1 .. y2-1, as pad.m cuts it. Returned coordinates are
-    0-based with pixel centres at integers, output pixel k mapping to (k + 0.5) * w / size - 0.5 in
-    the crop (half-pixel centres, as imResample's bilinear upsampling), clamped to the crop's first
-    and last pixel. Sample bilinearly at (ys[:, r], xs[:, c]) reading ZERO outside the image (pad.m).
-    """
-    xp = xp_of(boxes_Nx4)
-    b = xp.asarray(boxes_Nx4) * 1.0  # integer boxes sample at float coordinates
-    k_S = xp.arange(size, dtype=b.dtype)
-
-    def axis(lo_N, hi_N):
-        n_N = (hi_N - lo_N + 1)[:, None]
-        t_NxS = xp.clip((k_S[None, :] + 0.5) * n_N / size - 0.5, 0, n_N - 1)
-        return lo_N[:, None] - 1 + t_NxS
-
-    return axis(b[:, 0], b[:, 2]), axis(b[:, 1], b[:, 3])

@@ -253,19 +253,6 @@ def test_landmarks_from_relative():
     np.testing.assert_allclose(lm[0, :, 1], [20, 40, 60, 30, 50])
 
 
-def test_crop_sampling():
-    boxes = np.array([[1, 1, 48, 48], [-3, 5, 0, 8], [10, 10, 10, 10]])
-    xs, ys = B.crop_sampling(boxes, 24)
-    assert xs.shape == ys.shape == (3, 24)
-    np.testing.assert_allclose(xs[0], 2 * np.arange(24) + 0.5)  # 2:1 down: between pixel pairs
-    # 4 px wide crop at 0-based columns -4..-1 (outside the image) upsampled 6x, clamped at its ends
-    want = np.clip((np.arange(24) + 0.5) / 6 - 0.5, 0, 3) - 4
-    np.testing.assert_allclose(xs[1], want)
-    np.testing.assert_allclose(ys[1], want + 8)
-    np.testing.assert_allclose(xs[2], 9.0)  # a single pixel
-    np.testing.assert_allclose(B.crop_sampling(np.array([[1, 1, 24, 24]]), 24)[0][0], np.arange(24))
-
-
 # ---- numpy and jax agree ------------------------------------------------------------------------
 
 
@@ -286,7 +273,5 @@ def test_numpy_and_jax_agree(seed):
         close(np.asarray(B.regress(j(boxes), j(reg), plus_one)), B.regress(boxes, reg, plus_one))
     close(np.asarray(B.square(j(boxes))), B.square(boxes))
     close(np.asarray(B.landmarks_from_relative(j(boxes), j(rel))), B.landmarks_from_relative(boxes, rel))
-    for got, want in zip(B.crop_sampling(j(boxes), 12), B.crop_sampling(boxes, 12)):
-        close(np.asarray(got), want)
     close(np.asarray(B.fix(j(reg * 10))), B.fix((reg * 10).astype(np.float32)))
     assert isinstance(B.square(boxes), np.ndarray) and isinstance(B.square(j(boxes)), jax.Array)
