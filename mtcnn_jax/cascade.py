@@ -417,8 +417,6 @@ def _pnet_level_steps(params: dict, level_HxWx3: np.ndarray, scale: float, confi
 
 # ----------------------------------------------------------------------------- the fixed-shape path
 
-# ----------------------------------------------------------------------------- the fixed-shape path
-
 def _pnet_candidates(prob_M, reg_Mx4, mask_M, windows_Mx4, level_M, capacities, config: CascadeConfig):
     """One image, all levels' cells at once: windows >= t1 compacted into the window capacity, NMS
     (Union 0.5) within each level, NMS (Union 0.7) over all, then regression without +1, squaring and fix."""
@@ -531,6 +529,15 @@ def image_plan(sizes_Bx2: np.ndarray, bucket_hw: tuple[int, int], config: Cascad
     level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2]).reshape(-1, n, 2)
     used = [len(pyramid_scales(int(h), int(w), config.min_face_size, config.scale_factor)) for h, w in sizes_Bx2]
     return level_hw, np.arange(n)[None, :] < np.array(used)[:, None]
+
+
+def pad_to_bucket(images: list[np.ndarray], bucket_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 HxWx3 images zero-padded (bottom/right) into one (B, Hb, Wb, 3) batch, and their real sizes
+    (B, 2): the inputs of `detect_bucket`."""
+    batch = np.zeros((len(images), *bucket_hw, 3), np.uint8)
+    for b, image in enumerate(images):
+        batch[b, : image.shape[0], : image.shape[1]] = image
+    return batch, np.array([image.shape[:2] for image in images], np.int32).reshape(-1, 2)
 
 
 def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray,

@@ -218,12 +218,7 @@ def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int], b
                config: CascadeConfig) -> list[Detections]:
     """One detect_bucket call on `images` zero-padded into the bucket; padding slots repeat the last image
     (a valid input) and their results are discarded."""
-    padded = images + [images[-1]] * (batch - len(images))
-    images_BxHxWx3 = np.zeros((batch, *bucket, 3), np.uint8)
-    sizes_Bx2 = np.zeros((batch, 2), np.int32)
-    for b, img in enumerate(padded):
-        images_BxHxWx3[b, : img.shape[0], : img.shape[1]] = img
-        sizes_Bx2[b] = img.shape[:2]
+    images_BxHxWx3, sizes_Bx2 = cascade.pad_to_bucket(images + [images[-1]] * (batch - len(images)), bucket)
     out = cascade.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
     return [_slice(out, b) for b in range(len(images))]
 

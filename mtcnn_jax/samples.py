@@ -325,9 +325,8 @@ def candidates(params: dict, image_HxWx3: np.ndarray, config: Any, upto: str) ->
     h, w = image_HxWx3.shape[:2]
     if not cascade.pyramid_scales(h, w, config.min_face_size, config.scale_factor):
         return np.zeros((0, 4)), {}
-    bucket = np.zeros((1, *cascade.bucket_shape(h, w, config.bucket_multiple), 3), np.uint8)
-    bucket[0, :h, :w] = image_HxWx3
-    out = cascade.detect_bucket(params, bucket, np.array([[h, w]]), config, upto=upto)
+    batch, sizes = cascade.pad_to_bucket([image_HxWx3], cascade.bucket_shape(h, w, config.bucket_multiple))
+    out = cascade.detect_bucket(params, batch, sizes, config, upto=upto)
     dets_Dx4 = np.asarray(out["boxes"][0])[np.asarray(out["valid"][0], bool)]
     return dets_Dx4, {name: int(np.asarray(c)[0]) for name, c in out["overflow"].items()}
 

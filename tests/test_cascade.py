@@ -29,10 +29,7 @@ def photos(shared_data):
 
 def run_fixed(params, images, bucket, config=cascade.CascadeConfig()):
     """Pad images into one bucket (bottom/right zeros) and run the jitted cascade."""
-    batch = np.zeros((len(images), *bucket, 3), np.uint8)
-    for i, im in enumerate(images):
-        batch[i, : im.shape[0], : im.shape[1]] = im
-    return cascade.detect_bucket(params, batch, np.array([im.shape[:2] for im in images]), config)
+    return cascade.detect_bucket(params, *cascade.pad_to_bucket(images, bucket), config)
 
 
 def assert_same_detections(fixed, i, steps):
