@@ -95,3 +95,41 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
     if stage not in tree:
         raise ValueError(f"{path} has no {stage} params (it has {sorted(tree)})")
     return _numpy(tree[stage])
+
+
+def assemble_cascade(out: str | Path, stages: dict[str, str | Path], *, force: bool = False) -> Path:
+    """A cascade checkpoint at `out` from trained stages ({stage: training WORKDIR or checkpoint}) and the
+    original released weights for the stages not given: what mining the next stage and `detect` read."""
+    from mtcnn_jax.pretrained import load_pretrained
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; expected some of {STAGES}")
+    params = load_pretrained() if len(stages) < len(STAGES) else {}
+    params.update({s: load_params(path, s) for s, path in stages.items()})
+    return save_cascade(out, params, force=force)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN] [--rnet RUN] [--onet RUN] [--force]."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m mtcnn_jax.checkpoints",
+        description="Assemble a cascade checkpoint (the format detect --weights and samples --weights read) "
+                    "from training runs; stages not given keep the original released weights.")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}", help=f"{stage} training WORKDIR (latest step) or checkpoint directory")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    args = p.parse_args(argv)
+    stages = {s: getattr(args, s) for s in STAGES if getattr(args, s)}
+    try:
+        path = assemble_cascade(args.out, stages, force=args.force)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {path}: " + ", ".join(f"{s} from {stages.get(s, 'the original weights')}" for s in STAGES))
+
+
+if __name__ == "__main__":
+    main()

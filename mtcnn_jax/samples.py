@@ -458,8 +458,15 @@ class Samples:
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        r = dict(self.source[i])
-        src = r["source"]
+        return self._plain(self.source[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Many records in one read (much faster than one by one for array_record)."""
+        return [self._plain(r) for r in self.source.__getitems__([int(i) for i in indices])]
+
+    @staticmethod
+    def _plain(record: dict) -> dict[str, Any]:
+        r, src = dict(record), record["source"]
         r.update(label=int(r["label"]), flipped=bool(r["flipped"]), source=src.decode() if isinstance(src, bytes) else src)
         return r
 

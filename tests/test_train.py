@@ -46,22 +46,19 @@ def samples():
     return synthetic_samples(70, 12)
 
 
-class CrashingSource:
-    """Wraps a sample list; after `limit` reads it raises (a simulated kill) or returns NaN box targets."""
+def interrupt_at(monkeypatch, step, nan=False):
+    """From training step `step` on, batch assembly raises (a simulated kill) or yields NaN box targets."""
+    original = train.training_batch
 
-    def __init__(self, samples, limit, nan=False):
-        self.samples, self.limit, self.nan, self.reads = samples, limit, nan, 0
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.limit:
-            if not self.nan:
+    def batch(arrays, train_idx, config, s):
+        out = original(arrays, train_idx, config, s)
+        if s >= step:
+            if not nan:
                 raise KeyboardInterrupt("simulated kill")
-            return {**self.samples[i], "box": np.full(4, np.nan, np.float32)}
-        return self.samples[i]
+            out["box"] = np.full_like(out["box"], np.nan)
+        return out
+
+    monkeypatch.setattr(train, "training_batch", batch)
 
 
 def read_metrics(workdir):
@@ -107,7 +104,7 @@ def test_flip_batch_only_touches_selected_samples(samples):
 def test_training_batches_are_a_function_of_seed_and_step(samples):
     train_idx, val_idx = train.split_indices(len(samples), 0.1)
     assert len(val_idx) == 7 and not set(train_idx) & set(val_idx) and len(train_idx) + 7 == len(samples)
-    a, b = (train.training_batch(samples, train_idx, BASE, 5) for _ in range(2))
+    a, b = (train.training_batch(train.load_arrays(samples, BASE), train_idx, BASE, 5) for _ in range(2))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     epoch = np.concatenate([train.step_indices(train_idx, 0, s, 9) for s in range(7)])  # 63 = one epoch
@@ -128,12 +125,13 @@ PMAP_SCRIPT = textwrap.dedent(
     config = dataclasses.replace(train.CONFIGS["rnet"], batch_size=16, steps=10, learning_rate=0.05,
                                  ohem_ratio=0.5)
     samples = synthetic_samples(40, 24)
+    arrays = train.load_arrays(samples, config)
     idx = np.arange(len(samples))
     single = jax.jit(functools.partial(train.train_step, config=config, axis_name=None))
     state1 = train.init_state(config)
     state2 = train.flax.jax_utils.replicate(state1)
     for step in range(3):
-        batch = train.training_batch(samples, idx, config, step)
+        batch = train.training_batch(arrays, idx, config, step)
         state1, m1 = single(state1, batch)
         state2, m2 = train.compiled_step(config)(state2, train.shard(batch, 2))
         jax.block_until_ready((state1, state2))
@@ -187,13 +185,13 @@ def test_metrics_checkpoints_and_config(uninterrupted):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [6, 9, 12]  # max_to_keep=3
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(samples, uninterrupted, tmp_path):
-    # Reads: validate_source reads all 70 samples, then 16 per batch, each read while the previous step
-    # runs, and 7 for the validation at step 6: batches 0-6 and the validation (after the checkpoint at
-    # step 6 is started) take 70 + 7 * 16 + 7 reads; die gathering batch 7, during step 7.
-    killed = CrashingSource(samples, limit=70 + 7 * 16 + 7 + 5)
+def test_killed_and_resumed_run_matches_uninterrupted(samples, uninterrupted, tmp_path, monkeypatch):
+    # The batch of step 8 is assembled while step 7 runs: the kill lands after the checkpoint at step 6
+    # (and the validation there), before the one at step 9.
+    interrupt_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
-        train.train(BASE, killed, tmp_path)
+        train.train(BASE, samples, tmp_path)
+    monkeypatch.undo()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
     resumed = train.train(BASE, samples, tmp_path)  # a fresh call resumes from step 6
     assert int(resumed.step) == 12
@@ -222,10 +220,10 @@ def test_load_params(uninterrupted, tmp_path):
         checkpoints.load_params(tmp_path / "cascade")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(samples, tmp_path):
-    poisoned = CrashingSource(samples, limit=70 + 4 * 16 + 3, nan=True)  # NaN box targets in batch 4 (step 5)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(samples, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 4, nan=True)  # NaN box targets from batch 4 (step 5) on
     with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
-        train.train(BASE, poisoned, tmp_path)
+        train.train(BASE, samples, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3]
     params = checkpoints.load_params(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
@@ -322,3 +320,24 @@ def test_cli_flags_map_onto_config_fields():
     assert {f.name for f in dataclasses.fields(train.TrainConfig)} <= flags
     for stage, c in train.CONFIGS.items():
         assert f"--stage {stage}" in c.__doc__ and c.stage == stage
+
+
+def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, tmp_path):
+    from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
+
+    try:
+        original = load_pretrained()
+    except WeightsNotFoundError as e:
+        pytest.skip(f"original weights unavailable: {e}")
+    workdir, state = uninterrupted
+    out = tmp_path / "after_pnet"
+    result = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--pnet", str(workdir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "rnet from the original weights" in result.stdout
+    cascade = checkpoints.load_cascade(out)
+    assert_trees_close(cascade["pnet"], state.params)
+    assert_trees_close(cascade["onet"], original["onet"])
+    again = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--rnet", str(workdir)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "is a pnet training run, not rnet" in again.stderr
