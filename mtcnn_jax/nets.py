@@ -12,12 +12,14 @@ folds that transpose into the weights, so these nets take ordinary row-major ima
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Params = Any  # a nested dict of arrays, one per net
 
@@ -56,6 +58,52 @@ def max_pool_ceil(x_NxHxWxC: jax.Array, window: int, stride: int) -> jax.Array:
     return nn.max_pool(x_NxHxWxC, (window, window), (stride, stride), padding=pads)
 
 
+def _conv_as_matmul(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+    """The valid stride-1 convolution as one matrix product over the K*K shifted copies (im2col)."""
+    k, _, c, f = kernel_KxKxCxF.shape
+    h, w = x_NxHxWxC.shape[-3] - k + 1, x_NxHxWxC.shape[-2] - k + 1
+    shifted = [x_NxHxWxC[..., i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
+    return jnp.concatenate(shifted, axis=-1) @ kernel_KxKxCxF.reshape(k * k * c, f)  # (i, j, c) order
+
+
+@jax.custom_jvp
+def conv_valid(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+    """A valid (unpadded) stride-1 convolution (NHWC input, HWIO kernel), without bias.
+
+    Evaluated with `lax.conv`; its derivatives (the tangent, and by transposition the gradient)
+    with the im2col matrix product: the same sums, but XLA:CPU's convolution gradients on the
+    small maps training sees are about 1.5x slower than the matrix products.
+    """
+    return jax.lax.conv_general_dilated(x_NxHxWxC, kernel_KxKxCxF, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(conv_valid.defjvp, symbolic_zeros=True)
+def _conv_valid_jvp(primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    terms = []
+    if not isinstance(dx, SymbolicZero):  # the first layer's input image carries no tangent
+        terms.append(_conv_as_matmul(dx, kernel))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(_conv_as_matmul(x, dkernel))
+    out = conv_valid(x, kernel)
+    return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+class Conv(nn.Module):
+    """Parameters "kernel" (K, K, C, F) and "bias" (F,) as in flax's nn.Conv, applied by `conv_valid`."""
+
+    features: int
+    kernel: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel, self.kernel, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return conv_valid(x, kernel) + bias
+
+
 class ConvPReLU(nn.Module):
     """A valid (unpadded) stride-1 convolution followed by a per-channel PReLU."""
 
@@ -64,8 +112,7 @@ class ConvPReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="VALID", name="conv")(x)
-        return PReLU(name="prelu")(x)
+        return PReLU(name="prelu")(Conv(self.features, self.kernel, name="conv")(x))
 
 
 class PNet(nn.Module):
@@ -84,7 +131,7 @@ class PNet(nn.Module):
             x = jnp.where(jnp.isneginf(x), 0.0, x)
         x = ConvPReLU(16, 3, name="conv2")(x)
         x = ConvPReLU(32, 3, name="conv3")(x)
-        return {"logits": nn.Conv(2, (1, 1), name="cls")(x), "box": nn.Conv(4, (1, 1), name="box")(x)}
+        return {"logits": Conv(2, 1, name="cls")(x), "box": Conv(4, 1, name="box")(x)}
 
 
 class RNet(nn.Module):

@@ -95,3 +95,27 @@ def test_init_params_differ_per_seed():
     b = nets.init_params(jax.random.key(1), ("rnet",))
     assert set(a) == {"rnet"}
     assert not np.allclose(a["rnet"]["fc4"]["kernel"], b["rnet"]["fc4"]["kernel"])
+
+
+@pytest.mark.parametrize("shape, k", [((2, 12, 12, 3), 3), ((3, 9, 7, 5), 2), ((1, 80, 70, 4), 3)])
+def test_conv_valid_derivatives_equal_lax_conv_autodiff(shape, k):
+    # conv_valid's tangent / gradient go through the im2col matrix product; XLA's own convolution
+    # transpose rules (plain autodiff of lax.conv) are the independent reference.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1], 6)), jnp.float32)
+    lax_conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",  # noqa: E731
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    weights = jnp.asarray(rng.normal(size=lax_conv(x, kernel).shape), jnp.float32)
+    for conv in (nets.conv_valid, lax_conv):
+        np.testing.assert_allclose(conv(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda x, w: jnp.sum(nets.conv_valid(x, w) * weights), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w) * weights), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    dx, dw = jnp.ones_like(x), jnp.full_like(kernel, 0.5)
+    np.testing.assert_allclose(jax.jvp(nets.conv_valid, (x, kernel), (dx, dw))[1],
+                               jax.jvp(lax_conv, (x, kernel), (dx, dw))[1], rtol=1e-4, atol=1e-3)
+    # Only the kernel differentiated (the first layer's image): the symbolic-zero branch.
+    g = jax.grad(lambda w: jnp.sum(nets.conv_valid(x, w) * weights))(kernel)
+    np.testing.assert_allclose(g, ref[1], rtol=1e-4, atol=1e-3)
