@@ -58,6 +58,8 @@ class CascadeConfig:
                 raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}")
         if self.min_face_size <= 0 or not 0 < self.scale_factor < 1:
             raise ValueError("min_face_size must be > 0 and 0 < scale_factor < 1")
+        if self.bucket_multiple < 1:
+            raise ValueError(f"bucket_multiple must be >= 1, got {self.bucket_multiple}")
 
 
 def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int]:
@@ -235,7 +237,7 @@ def _group_source(mips: list[Array], js: list[int], xp) -> tuple[Array, dict[int
 def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> list[Array]:
     """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
     group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
-    2^-j scale just larger than it); zero elsewhere. Per group: one vertical and one horizontal gather."""
+    2^-j scale just larger than it); zero elsewhere. Per group: one vertical gather, one horizontal per level."""
     xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
     mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips)
     hw, lhw = xp.asarray(image_hw, xp.float32), xp.asarray(level_hw_Lx2, xp.float32)
@@ -252,14 +254,17 @@ def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan:
         rows_RxT = xp.clip(iy[lvl, loc] + base[:, None], 0, src.shape[0] - 1)
         wy_RxT = xp.where(on[:, None], wy[lvl, loc], 0.0)
         v = sum(wy_RxT[:, t, None, None] * src[rows_RxT[:, t]] for t in range(plan.taps))  # (R, W_src, 3)
-        cols = xp.clip(ix, 0, v.shape[1] - 1)
-        if len(set(lvl[on].tolist())) == 1:  # one level: every row shares its column taps
-            k = int(lvl[on][0])
-            groups.append(sum(wx[k, :width, t, None] * v[:, cols[k, :width, t]] for t in range(plan.taps)))
-        else:  # several levels stacked: each row uses its own level's taps
-            c, w = cols[lvl, :width], xp.where(on[:, None, None], wx[lvl, :width], 0.0)
-            groups.append(sum(w[..., t, None] * xp.take_along_axis(v, c[..., t, None], axis=1)
-                              for t in range(plan.taps)))
+        # Columns: gather whole columns of each level's rows (transposed, a column is one contiguous row;
+        # gathering single pixels is several times slower on XLA:CPU).
+        vt, cols = xp.swapaxes(v, 0, 1), xp.clip(ix, 0, v.shape[1] - 1)  # (W_src, R, 3)
+        pieces, row = [], 0
+        for k in sorted(set(lvl[on].tolist())):
+            a, b = plan.offsets[k] - r0, plan.offsets[k] - r0 + plan.bufs[k][0]
+            pieces += [xp.zeros((width, a - row, 3), xp.float32)] if a > row else []
+            pieces.append(sum(wx[k, :width, t, None, None] * vt[cols[k, :width, t], a:b] for t in range(plan.taps)))
+            row = b
+        pieces += [xp.zeros((width, (r1 - r0) - row, 3), xp.float32)] if r1 - r0 > row else []
+        groups.append(xp.swapaxes(xp.concatenate(pieces, axis=1), 0, 1))
     return groups
 
 

@@ -295,3 +295,15 @@ def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
     assert detect.main([str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]) == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "missing.png" in captured.err and "2 errors" in captured.out
+
+
+def test_cli_bucket_multiple_reaches_the_config(tmp_path, monkeypatch):
+    Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    seen = []
+    monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
+    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch: seen.append(cfg) or
+                        [detect._empty_detections({}) for _ in images])
+    assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
+    assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20
+    with pytest.raises(ValueError, match="bucket_multiple must be >= 1"):
+        detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "0"])
