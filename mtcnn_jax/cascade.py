@@ -234,16 +234,27 @@ def _group_source(mips: list[Array], js: list[int], xp) -> tuple[Array, dict[int
     return xp.concatenate(parts), dict(zip(js, np.cumsum([0] + [p.shape[0] for p in parts[:-1]]).tolist()))
 
 
-def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> list[Array]:
-    """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
-    group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
-    2^-j scale just larger than it); zero elsewhere. Per group: one vertical gather, one horizontal per level."""
-    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
-    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips)
+def level_taps(image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> tuple[Array, Array, Array, Array]:
+    """Resampling taps of every level from its mip: rows (L, max level height, T) and columns (L, canvas
+    width, T), indices and weights. They depend only on the sizes, so the jitted cascade gets them
+    computed on the host (numpy) as arguments."""
+    xp = bx.xp_of(image_hw, level_hw_Lx2)
     hw, lhw = xp.asarray(image_hw, xp.float32), xp.asarray(level_hw_Lx2, xp.float32)
     zero, div = xp.zeros_like(lhw[:, 0]), xp.asarray(2.0 ** plan.mips, xp.float32)
     iy, wy = resample_taps(zero, hw[0] / div, lhw[:, 0], max(b[0] for b in plan.bufs), plan.taps)
     ix, wx = resample_taps(zero, hw[1] / div, lhw[:, 1], plan.canvas_hw[1], plan.taps)
+    return iy, wy, ix, wx
+
+
+def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan,
+                 taps: tuple[Array, Array, Array, Array] | None = None) -> list[Array]:
+    """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
+    group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
+    2^-j scale just larger than it); zero elsewhere. Per group: one vertical gather, one horizontal per
+    level. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` (computed here when not given)."""
+    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
+    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips)
+    iy, wy, ix, wx = level_taps(image_hw, level_hw_Lx2, plan) if taps is None else taps
     level, local = plan.rows
     groups = []
     for r0, r1, width in plan.groups:
@@ -449,13 +460,12 @@ def _after_onet(boxes_Rx4, valid_R, prob_R, reg_Rx4, rel_Rx10, config: CascadeCo
     return bx.compact(keep, prob_R, config.max_faces, b, prob_R, points)
 
 
-def _run_in_chunks(fn: Callable, boxes_BxNx4, valid_BxN, chunk: int) -> dict:
-    """fn over slot chunks (B, chunk, 4) -> dict of (B, chunk, ...), only while some image still has
-    a valid slot there (valid slots come first): an empty stage costs nothing."""
+def _run_in_chunks(fn: Callable, boxes_BxNx4, valid_BxN, chunk: int, spec: dict) -> dict:
+    """fn over slot chunks (B, chunk, 4) -> dict of (B, chunk, ...) (trailing shapes and dtypes in `spec`),
+    only while some image still has a valid slot there (valid slots come first): an empty stage costs nothing."""
     b, n = valid_BxN.shape
     n_chunks = (jnp.max(jnp.sum(valid_BxN, axis=1)) + chunk - 1) // chunk
-    spec = jax.eval_shape(fn, boxes_BxNx4[:, :chunk])
-    init = {k: jnp.zeros((b, n) + v.shape[2:], v.dtype) for k, v in spec.items()}
+    init = {k: jnp.zeros((b, n) + shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def body(state):
         c, outs = state
@@ -463,6 +473,15 @@ def _run_in_chunks(fn: Callable, boxes_BxNx4, valid_BxN, chunk: int) -> dict:
         return c + 1, {k: jax.lax.dynamic_update_slice_in_dim(outs[k], o[k], c * chunk, axis=1) for k in outs}
 
     return jax.lax.while_loop(lambda s: s[0] < n_chunks, body, (jnp.int32(0), init))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_spec(stage: str) -> dict:
+    """{output: (trailing shape, dtype)} of a stage net per crop, plus "prob" (traced once per process)."""
+    size = nets.INPUT_SIZE[stage]
+    params = jax.eval_shape(lambda: nets.init_params(jax.random.key(0), [stage])[stage])
+    out = jax.eval_shape(nets.NETS[stage], params, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    return {**{k: (v.shape[1:], v.dtype) for k, v in out.items()}, "prob": ((), jnp.float32)}
 
 
 def _stage_net(net: Callable, params: dict, srcs: CropSources, out: int, taps: int) -> Callable:
@@ -491,7 +510,7 @@ def _cell_mask(prob_BxM, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2
 
 
 @functools.partial(jax.jit, static_argnames=("config", "upto"))
-def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, windows_Mx4, cell_level_M,
+def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, taps_B, windows_Mx4, cell_level_M,
              cell_rc_Mx2, config: CascadeConfig, upto: str = "onet"):
     """The whole cascade for one bucket, fixed shapes throughout (stopping after `upto`)."""
     bsz, hb, wb, _ = images_BxHxWx3.shape
@@ -499,7 +518,8 @@ def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, wi
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    groups = jax.vmap(lambda im, hw, lhw: build_levels(im, hw, lhw, plan))(images, sizes_Bx2, level_hw_BxLx2)
+    groups = jax.vmap(lambda im, hw, lhw, taps: build_levels(im, hw, lhw, plan, taps))(
+        images, sizes_Bx2, level_hw_BxLx2, taps_B)
     masks = jax.vmap(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
     probs, regs = [], []
     for group, real in zip(groups, masks):
@@ -517,23 +537,27 @@ def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, wi
         return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
     srcs = jax.vmap(lambda im, hw, gs, lhw: crop_sources(im, hw, gs, lhw, plan))(
         images, sizes_Bx2, groups, level_hw_BxLx2)
-    r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24, crop_taps(config)), b1, v1, config.net_chunk)
+    r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24, crop_taps(config)), b1, v1, config.net_chunk,
+                       _stage_spec("rnet"))
     b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
     if upto == "rnet":
         return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
-    o = _run_in_chunks(_stage_net(nets.onet, params["onet"], srcs, 48, crop_taps(config)), b2, v2, config.net_chunk)
+    o = _run_in_chunks(_stage_net(nets.onet, params["onet"], srcs, 48, crop_taps(config)), b2, v2, config.net_chunk,
+                       _stage_spec("onet"))
     b3, s3, pts, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
         b2, v2, o["prob"], o["box"], o["landmarks"])
     return {"boxes": b3, "scores": s3, "landmarks": pts, "valid": v3, "overflow": overflow}
 
 
 def image_plan(sizes_Bx2: np.ndarray, bucket_hw: tuple[int, int], config: CascadeConfig):
-    """Per-image runtime inputs for a bucket: real level sizes (B, L, 2) and which levels each image uses."""
+    """Per-image runtime inputs for a bucket: real level sizes (B, L, 2), which levels each image uses,
+    and the levels' resampling taps (`level_taps`, each with a leading B)."""
     plan = PyramidPlan.of(*bucket_hw, config)
     n = len(plan.scales)
     level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2]).reshape(-1, n, 2)
     used = [len(pyramid_scales(int(h), int(w), config.min_face_size, config.scale_factor)) for h, w in sizes_Bx2]
-    return level_hw, np.arange(n)[None, :] < np.array(used)[:, None]
+    taps = [level_taps(np.asarray(hw), lhw, plan) for hw, lhw in zip(sizes_Bx2, level_hw)]
+    return level_hw, np.arange(n)[None, :] < np.array(used)[:, None], tuple(np.stack(t) for t in zip(*taps))
 
 
 def pad_to_bucket(images: list[np.ndarray], bucket_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -566,6 +590,6 @@ def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarra
     plan = PyramidPlan.of(hb, wb, config)
     if not plan.scales:
         raise ValueError(f"bucket {hb}x{wb} is too small for min_face_size={config.min_face_size}")
-    level_hw, level_on = image_plan(sizes, (hb, wb), config)
-    out = _cascade(params, images, sizes, level_hw, level_on, *plan.cells, config=config, upto=upto)
+    level_hw, level_on, taps = image_plan(sizes, (hb, wb), config)
+    out = _cascade(params, images, sizes, level_hw, level_on, taps, *plan.cells, config=config, upto=upto)
     return jax.tree_util.tree_map(np.asarray, out)
