@@ -308,12 +308,15 @@ def level_views(groups: list[Array], level_hw_Lx2: np.ndarray, plan: PyramidPlan
 
 @dataclass(frozen=True)
 class CropSources:
-    """Images to crop from, flattened into one (P, 3) atlas: the image, then pyramid levels (scale <= 1).
+    """Images to crop from: the image, then the pyramid levels with scale <= 1, read in place from the
+    flattened image and P-Net groups (`arrays`, each (P_a, 3)); no copy into one atlas.
 
-    offsets/widths are static layout; hw (J, 2) the real sizes and scale (J, 2) = real size / image size.
+    array/offsets/widths (per source: which array, first pixel, row width) are static layout; hw (J, 2)
+    the real sizes and scale (J, 2) = real size / image size.
     """
 
-    atlas_Px3: Array
+    arrays: tuple[Array, ...]
+    array: tuple[int, ...]
     offsets: tuple[int, ...]
     widths: tuple[int, ...]
     hw_Jx2: Array
@@ -325,21 +328,34 @@ def crop_sources(image_HxWx3: Array, image_hw: Array, groups: list[Array], level
     """The image and its downscaled pyramid levels (scale <= 1, inside the P-Net groups) as crop sources."""
     xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2, *groups)
     use = [k for k, s in enumerate(plan.scales) if s <= 1.0]
-    hb, wb = image_HxWx3.shape[:2]
     hw = xp.concatenate([xp.asarray(image_hw, xp.int32)[None], xp.asarray(level_hw_Lx2, xp.int32)[np.array(use, int)]])
     hw = hw.reshape(-1, 2)
-    bases = np.cumsum([hb * wb] + [g.shape[0] * g.shape[1] for g in groups[:-1]])
     places = [_level_place(plan, k) for k in use]
-    offsets = (0,) + tuple(int(bases[g] + row * groups[g].shape[1]) for g, row in places)
-    widths = (wb,) + tuple(groups[g].shape[1] for g, _ in places)
-    atlas = xp.concatenate([xp.asarray(image_HxWx3, xp.float32).reshape(-1, 3)] + [g.reshape(-1, 3) for g in groups])
-    return CropSources(atlas, offsets, widths, hw, hw / xp.asarray(hw[0], xp.float32))
+    arrays = (xp.asarray(image_HxWx3, xp.float32).reshape(-1, 3),) + tuple(g.reshape(-1, 3) for g in groups)
+    return CropSources(arrays, (0,) + tuple(g + 1 for g, _ in places),
+                       (0,) + tuple(row * groups[g].shape[1] for g, row in places),
+                       (image_HxWx3.shape[1],) + tuple(groups[g].shape[1] for g, _ in places),
+                       hw, hw / xp.asarray(hw[0], xp.float32))
+
+
+def _read_pixels(src: CropSources, j_N: Array, iy: Array, ix: Array) -> Array:
+    """Pixels (N, out, T, out, T, 3) at rows iy (N, out, T) and columns ix (N, out, T) of sources j_N."""
+    xp = bx.xp_of(j_N, iy, ix)
+    array_N = xp.asarray(src.array)[j_N]
+    off = xp.asarray(src.offsets)[j_N][:, None, None, None, None]
+    width = xp.asarray(src.widths)[j_N][:, None, None, None, None]
+    flat = off + iy[:, :, :, None, None] * width + ix[:, None, None, :, :]  # (N, out, T, out, T)
+    px = 0.0
+    for a, pixels_Px3 in enumerate(src.arrays):  # each crop reads one array; the others give zeros
+        here = (array_N == a)[:, None, None, None, None]
+        px = px + xp.where(here[..., None], pixels_Px3[xp.where(here, flat, 0)], 0.0)
+    return px
 
 
 def crop_patches(src: CropSources, boxes_Nx4: Array, out: int, taps: int) -> Array:
     """Crops (N, out, out, 3) of fixed 1-based boxes, zero outside the image (pad.m), each resampled from
     the smallest source still at least `out` pixels across the box (the image if none)."""
-    xp = bx.xp_of(src.atlas_Px3, boxes_Nx4)
+    xp = bx.xp_of(src.arrays[0], boxes_Nx4)
     b = xp.asarray(boxes_Nx4, dtype=xp.float32)
     n_h, n_w = b[:, 3] - b[:, 1] + 1, b[:, 2] - b[:, 0] + 1
     ok_NxJ = (n_h[:, None] * src.scale_Jx2[None, :, 0] >= out) & (n_w[:, None] * src.scale_Jx2[None, :, 1] >= out)
@@ -351,10 +367,7 @@ def crop_patches(src: CropSources, boxes_Nx4: Array, out: int, taps: int) -> Arr
     h_N, w_N = src.hw_Jx2[j_N, 0][:, None, None], src.hw_Jx2[j_N, 1][:, None, None]
     wy, wx = xp.where((iy >= 0) & (iy < h_N), wy, 0.0), xp.where((ix >= 0) & (ix < w_N), wx, 0.0)
     iy, ix = xp.clip(iy, 0, h_N - 1), xp.clip(ix, 0, w_N - 1)
-    off = xp.asarray(src.offsets)[j_N][:, None, None, None, None]
-    width = xp.asarray(src.widths)[j_N][:, None, None, None, None]
-    flat = off + iy[:, :, :, None, None] * width + ix[:, None, None, :, :]  # (N, out, T, out, T)
-    px = src.atlas_Px3[flat]
+    px = _read_pixels(src, j_N, iy, ix)
     w = wy[:, :, :, None, None] * wx[:, None, None, :, :]
     return sum(w[:, :, t, :, u, None] * px[:, :, t, :, u] for t in range(taps) for u in range(taps))
 
@@ -497,8 +510,8 @@ def _stage_net(net: Callable, params: dict, srcs: CropSources, out: int, taps: i
     return fn
 
 
-jax.tree_util.register_dataclass(CropSources, data_fields=["atlas_Px3", "hw_Jx2", "scale_Jx2"],
-                                 meta_fields=["offsets", "widths"])
+jax.tree_util.register_dataclass(CropSources, data_fields=["arrays", "hw_Jx2", "scale_Jx2"],
+                                 meta_fields=["array", "offsets", "widths"])
 
 
 def _cell_mask(prob_BxM, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, t1: float):
