@@ -5,8 +5,8 @@
 
 For each stage: the first step (compile + one run) is timed apart, then N warm steps, each waited on
 (block_until_ready), give the step's median time and samples/s. "host data" times `train.training_batch`
-(gather from an in-memory list of sample dicts + flips) alone, the host-side cost of a step when the
-source is in memory. Runs on all local devices of the default backend (CPU here, GPU when present).
+(indexing the sample arrays `train.load_arrays` holds in memory, + flips) alone, the host-side cost of a
+step. Runs on all local devices of the default backend (CPU here, GPU when present).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def bench_stage(stage: str, batch_size: int, steps: int) -> dict:
     """Compile time, median warm step time and samples/s of one stage's training step."""
     config = dataclasses.replace(train.CONFIGS[stage], batch_size=batch_size)
     devices = jax.local_device_count()
-    source = synthetic_source(max(2 * batch_size, 1000), config.input_size)
-    indices = np.arange(len(source))
+    source = train.load_arrays(synthetic_source(max(2 * batch_size, 1000), config.input_size), config)
+    indices = np.arange(len(source["label"]))
     state = train.flax.jax_utils.replicate(train.init_state(config))
     step_fn = train.compiled_step(config)
     batches = [train.shard(train.training_batch(source, indices, config, s), devices) for s in range(steps + 1)]
