@@ -66,27 +66,48 @@ def _conv_as_matmul(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Arra
     return jnp.concatenate(shifted, axis=-1) @ kernel_KxKxCxF.reshape(k * k * c, f)  # (i, j, c) order
 
 
-@jax.custom_jvp
-def conv_valid(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
-    """A valid (unpadded) stride-1 convolution (NHWC input, HWIO kernel), without bias.
+# How `conv_valid` evaluates a layer. The sums are the same; the speed on XLA:CPU is not, and it depends
+# on the layer's shape (measured on the 2-core benchmark machine, benchmarks/README.md):
+# - "conv": XLA's convolution, the default.
+# - "im2col": one matrix product over the 9 shifted copies: 3x faster for the 3-channel first layers
+#   of R-Net and O-Net on batches of crops (but 5x slower on a whole P-Net pyramid level).
+# - "conv16": XLA's convolution per group of 16 output channels: 3.8x faster for P-Net's 16 -> 32 conv3
+#   on a pyramid level (XLA:CPU's kernel for 32 outputs runs at a third of the speed of the one for 16).
+CONV_FORMS = ("conv", "im2col", "conv16")
 
-    Evaluated with `lax.conv`; its derivatives (the tangent, and by transposition the gradient)
-    with the im2col matrix product: the same sums, but XLA:CPU's convolution gradients on the
-    small maps training sees are about 1.5x slower than the matrix products.
-    """
+
+def _lax_conv(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x_NxHxWxC, kernel_KxKxCxF, (1, 1), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def conv_valid(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, form: str = "conv") -> jax.Array:
+    """A valid (unpadded) stride-1 convolution (NHWC input, HWIO kernel), without bias.
+
+    Evaluated as `form` says (`CONV_FORMS`); its derivatives (the tangent, and by transposition the
+    gradient) with the im2col matrix product: the same sums, but XLA:CPU's convolution gradients on the
+    small maps training sees are about 1.5x slower than the matrix products.
+    """
+    if form == "im2col":
+        return _conv_as_matmul(x_NxHxWxC, kernel_KxKxCxF)
+    if form == "conv16":
+        f = kernel_KxKxCxF.shape[-1]
+        return jnp.concatenate([_lax_conv(x_NxHxWxC, kernel_KxKxCxF[..., i : i + 16]) for i in range(0, f, 16)], -1)
+    if form != "conv":
+        raise ValueError(f"form must be one of {CONV_FORMS}, got {form!r}")
+    return _lax_conv(x_NxHxWxC, kernel_KxKxCxF)
+
+
 @functools.partial(conv_valid.defjvp, symbolic_zeros=True)
-def _conv_valid_jvp(primals, tangents):
+def _conv_valid_jvp(form, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     terms = []
     if not isinstance(dx, SymbolicZero):  # the first layer's input image carries no tangent
         terms.append(_conv_as_matmul(dx, kernel))
     if not isinstance(dkernel, SymbolicZero):
         terms.append(_conv_as_matmul(x, dkernel))
-    out = conv_valid(x, kernel)
+    out = conv_valid(x, kernel, form)
     return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
@@ -95,13 +116,14 @@ class Conv(nn.Module):
 
     features: int
     kernel: int
+    form: str = "conv"  # how conv_valid evaluates it (CONV_FORMS); params and results do not depend on it
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (self.kernel, self.kernel, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return conv_valid(x, kernel) + bias
+        return conv_valid(x, kernel, self.form) + bias
 
 
 class ConvPReLU(nn.Module):
@@ -109,10 +131,11 @@ class ConvPReLU(nn.Module):
 
     features: int
     kernel: int
+    form: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return PReLU(name="prelu")(Conv(self.features, self.kernel, name="conv")(x))
+        return PReLU(name="prelu")(Conv(self.features, self.kernel, self.form, name="conv")(x))
 
 
 class PNet(nn.Module):
@@ -130,7 +153,7 @@ class PNet(nn.Module):
         if valid_mask is not None:
             x = jnp.where(jnp.isneginf(x), 0.0, x)
         x = ConvPReLU(16, 3, name="conv2")(x)
-        x = ConvPReLU(32, 3, name="conv3")(x)
+        x = ConvPReLU(32, 3, "conv16", name="conv3")(x)
         return {"logits": Conv(2, 1, name="cls")(x), "box": Conv(4, 1, name="box")(x)}
 
 
@@ -139,7 +162,7 @@ class RNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
-        x = max_pool_ceil(ConvPReLU(28, 3, name="conv1")(x), 3, 2)
+        x = max_pool_ceil(ConvPReLU(28, 3, "im2col", name="conv1")(x), 3, 2)
         x = max_pool_ceil(ConvPReLU(48, 3, name="conv2")(x), 3, 2)
         x = ConvPReLU(64, 2, name="conv3")(x)
         x = x.reshape(x.shape[:-3] + (math.prod(x.shape[-3:]),))  # (..., 3*3*64 = 576), row-major (h, w, c)
@@ -152,7 +175,7 @@ class ONet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
-        x = max_pool_ceil(ConvPReLU(32, 3, name="conv1")(x), 3, 2)
+        x = max_pool_ceil(ConvPReLU(32, 3, "im2col", name="conv1")(x), 3, 2)
         x = max_pool_ceil(ConvPReLU(64, 3, name="conv2")(x), 3, 2)
         x = max_pool_ceil(ConvPReLU(64, 3, name="conv3")(x), 2, 2)
         x = ConvPReLU(128, 2, name="conv4")(x)
