@@ -9,8 +9,8 @@
 Both follow detect_face.m. Coordinates are the original's: 1-based inclusive pixel boxes.
 Resizing (pyramid levels and crops) follows imResample, which detect_face.m calls: an exact area
 average when shrinking, bilinear with half-pixel centres when enlarging. Two shortcuts keep it cheap,
-documented in the README: a level is area-resampled from the exact 2^j x 2^j mip of the image just
-larger than it (not from the image itself), and a crop from the pyramid level just larger than the crop's output.
+documented in the README: a level, and a crop, is area-resampled from the exact 2^j x 2^j mip of the
+image just larger than it (not from the image itself).
 All levels live in three stacked canvases (level 0, level 1, the rest), so P-Net runs three times.
 """
 
@@ -100,11 +100,11 @@ def _taps(ratio: float) -> int:
     return max(2, math.ceil(ratio - 1e-9) + 1)
 
 
-def crop_taps(config: CascadeConfig) -> int:
-    """Taps for crops taken from the level just larger than the crop (or the image, if none is)."""
-    m = 12.0 / config.min_face_size
-    first = m * config.scale_factor ** max(0, math.ceil(math.log(m) / -math.log(config.scale_factor)))
-    return _taps(max(1.0 / min(first, 1.0), (1.0 / config.scale_factor + 1.0 / 12)))
+# Crops are resampled from the 2^-j mip of the image just larger than them: at most 2 source pixels per
+# output pixel, so 3 taps cover every area average (and bilinear enlarging needs 2). 9 mips (down to
+# 1/256) cover boxes up to 12,288 pixels across.
+CROP_TAPS = 3
+CROP_MIPS = 9
 
 
 # ----------------------------------------------------------------------------- resampling (shared)
@@ -308,54 +308,74 @@ def level_views(groups: list[Array], level_hw_Lx2: np.ndarray, plan: PyramidPlan
 
 @dataclass(frozen=True)
 class CropSources:
-    """Images to crop from: the image, then the pyramid levels with scale <= 1, read in place from the
-    flattened image and P-Net groups (`arrays`, each (P_a, 3)); no copy into one atlas.
+    """What crops read: the image and its 2^-j x 2^-j mips (exact area averages over real pixels) side
+    by side in one array, `atlas` (rows, cols, 3): the image at the top left, the mips stacked on its right.
 
-    array/offsets/widths (per source: which array, first pixel, row width) are static layout; hw (J, 2)
-    the real sizes and scale (J, 2) = real size / image size.
+    corners (per source: its first row and column in the atlas) are static layout; hw_Jx2 the real sizes,
+    scale_Jx2 = 2^-j.
     """
 
-    arrays: tuple[Array, ...]
-    array: tuple[int, ...]
-    offsets: tuple[int, ...]
-    widths: tuple[int, ...]
+    atlas: Array
+    corners: tuple[tuple[int, int], ...]
     hw_Jx2: Array
     scale_Jx2: Array
 
 
-def crop_sources(image_HxWx3: Array, image_hw: Array, groups: list[Array], level_hw_Lx2: Array,
-                 plan: PyramidPlan) -> CropSources:
-    """The image and its downscaled pyramid levels (scale <= 1, inside the P-Net groups) as crop sources."""
-    xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2, *groups)
-    use = [k for k, s in enumerate(plan.scales) if s <= 1.0]
-    hw = xp.concatenate([xp.asarray(image_hw, xp.int32)[None], xp.asarray(level_hw_Lx2, xp.int32)[np.array(use, int)]])
-    hw = hw.reshape(-1, 2)
-    places = [_level_place(plan, k) for k in use]
-    arrays = (xp.asarray(image_HxWx3, xp.float32).reshape(-1, 3),) + tuple(g.reshape(-1, 3) for g in groups)
-    return CropSources(arrays, (0,) + tuple(g + 1 for g, _ in places),
-                       (0,) + tuple(row * groups[g].shape[1] for g, row in places),
-                       (image_HxWx3.shape[1],) + tuple(groups[g].shape[1] for g, _ in places),
-                       hw, hw / xp.asarray(hw[0], xp.float32))
+def crop_sources(image_HxWx3: Array, image_hw: Array, n_mips: int = CROP_MIPS) -> CropSources:
+    """The image (zero outside its real h x w) and `n_mips - 1` mips of it as crop sources."""
+    xp = bx.xp_of(image_HxWx3, image_hw)
+    mips = mip_pyramid(image_HxWx3, image_hw, n_mips)
+    hp, wp = mips[0].shape[:2]
+    corners = [(0, 0)] + [(sum(m.shape[0] for m in mips[1:j]), wp) for j in range(1, n_mips)]
+    if n_mips > 1:  # the mips' column, zero-padded to half the image's width and its full height
+        side = xp.concatenate([xp.pad(m, ((0, 0), (0, wp // 2 - m.shape[1]), (0, 0))) for m in mips[1:]])
+        atlas = xp.concatenate([mips[0], xp.pad(side, ((0, hp - side.shape[0]), (0, 0), (0, 0)))], axis=1)
+    else:
+        atlas = mips[0]
+    div = xp.asarray(2 ** np.arange(n_mips), xp.int32)[:, None]
+    hw = -(-xp.asarray(image_hw, xp.int32)[None, :] // div)
+    return CropSources(atlas, tuple(corners), hw, xp.ones((n_mips, 2), xp.float32) / div.astype(xp.float32))
 
 
-def _read_pixels(src: CropSources, j_N: Array, iy: Array, ix: Array) -> Array:
-    """Pixels (N, out, T, out, T, 3) at rows iy (N, out, T) and columns ix (N, out, T) of sources j_N."""
-    xp = bx.xp_of(j_N, iy, ix)
-    array_N = xp.asarray(src.array)[j_N]
-    off = xp.asarray(src.offsets)[j_N][:, None, None, None, None]
-    width = xp.asarray(src.widths)[j_N][:, None, None, None, None]
-    flat = off + iy[:, :, :, None, None] * width + ix[:, None, None, :, :]  # (N, out, T, out, T)
-    px = 0.0
-    for a, pixels_Px3 in enumerate(src.arrays):  # each crop reads one array; the others give zeros
-        here = (array_N == a)[:, None, None, None, None]
-        px = px + xp.where(here[..., None], pixels_Px3[xp.where(here, flat, 0)], 0.0)
-    return px
+def crop_window(out: int, taps: int) -> int:
+    """Side of the source window a crop reads: every tap of a box that `taps` can resample (at most
+    taps - 1 source pixels per output pixel) lies in it."""
+    return out * (taps - 1) + taps + 1
 
 
-def crop_patches(src: CropSources, boxes_Nx4: Array, out: int, taps: int) -> Array:
+def _windows(array_HxWx3: Array, y0_N: Array, x0_N: Array, win: int) -> Array:
+    """(N, win, win, 3) windows of one array at the given top-left corners (inside the array)."""
+    if bx.xp_of(array_HxWx3, y0_N) is np:
+        return np.array([array_HxWx3[y : y + win, x : x + win] for y, x in zip(y0_N, x0_N)],
+                        np.float32).reshape(-1, win, win, 3)
+    return jax.vmap(lambda y, x: jax.lax.dynamic_slice(array_HxWx3, (y, x, 0), (win, win, 3)))(y0_N, x0_N)
+
+
+def _window_weights(idx_NxOxT: Array, w_NxOxT: Array, start_N: Array, win: int) -> Array:
+    """The taps as a dense (N, out, win) resampling matrix over a window starting at source index start."""
+    xp = bx.xp_of(idx_NxOxT, w_NxOxT, start_N)
+    rel = idx_NxOxT - start_N[:, None, None]
+    return (w_NxOxT[..., None] * (rel[..., None] == xp.arange(win))).sum(2)
+
+
+def _read_windows(src: CropSources, j_N: Array, iy0_N: Array, ix0_N: Array, win: int):
+    """Each crop's window of the atlas (N, win, win, 3), one contiguous slice (gathering single pixels is
+    several times slower), and the window's first row and column in its source's coordinates."""
+    xp = bx.xp_of(j_N, iy0_N, ix0_N)
+    corner_N = xp.asarray(np.array(src.corners, np.int32).reshape(-1, 2))[j_N]
+    pad = ((0, max(win - src.atlas.shape[0], 0)), (0, max(win - src.atlas.shape[1], 0)), (0, 0))
+    atlas = xp.pad(src.atlas, pad) if any(p[1] for p in pad) else src.atlas
+    y = xp.clip(corner_N[:, 0] + xp.maximum(iy0_N, 0), 0, atlas.shape[0] - win).astype(xp.int32)
+    x = xp.clip(corner_N[:, 1] + xp.maximum(ix0_N, 0), 0, atlas.shape[1] - win).astype(xp.int32)
+    return _windows(atlas, y, x, win), y - corner_N[:, 0], x - corner_N[:, 1]
+
+
+def crop_patches(src: CropSources, boxes_Nx4: Array, out: int) -> Array:
     """Crops (N, out, out, 3) of fixed 1-based boxes, zero outside the image (pad.m), each resampled from
-    the smallest source still at least `out` pixels across the box (the image if none)."""
-    xp = bx.xp_of(src.arrays[0], boxes_Nx4)
+    the smallest source still at least `out` pixels across the box (the image if none): a window of the
+    source, resampled by one small matrix product per axis."""
+    taps = CROP_TAPS
+    xp = bx.xp_of(src.atlas, boxes_Nx4)
     b = xp.asarray(boxes_Nx4, dtype=xp.float32)
     n_h, n_w = b[:, 3] - b[:, 1] + 1, b[:, 2] - b[:, 0] + 1
     ok_NxJ = (n_h[:, None] * src.scale_Jx2[None, :, 0] >= out) & (n_w[:, None] * src.scale_Jx2[None, :, 1] >= out)
@@ -366,10 +386,10 @@ def crop_patches(src: CropSources, boxes_Nx4: Array, out: int, taps: int) -> Arr
     ix, wx = resample_taps((b[:, 0] - 1) * sx, n_w * sx, xp.full_like(sx, out), out, taps)
     h_N, w_N = src.hw_Jx2[j_N, 0][:, None, None], src.hw_Jx2[j_N, 1][:, None, None]
     wy, wx = xp.where((iy >= 0) & (iy < h_N), wy, 0.0), xp.where((ix >= 0) & (ix < w_N), wx, 0.0)
-    iy, ix = xp.clip(iy, 0, h_N - 1), xp.clip(ix, 0, w_N - 1)
-    px = _read_pixels(src, j_N, iy, ix)
-    w = wy[:, :, :, None, None] * wx[:, None, None, :, :]
-    return sum(w[:, :, t, :, u, None] * px[:, :, t, :, u] for t in range(taps) for u in range(taps))
+    win = crop_window(out, taps)
+    pixels, y0, x0 = _read_windows(src, j_N, iy[:, 0, 0], ix[:, 0, 0], win)
+    rows_NxOxP, cols_NxOxQ = _window_weights(iy, wy, y0, win), _window_weights(ix, wx, x0, win)
+    return xp.einsum("nrq,noqc->norc", cols_NxOxQ, xp.einsum("nop,npqc->noqc", rows_NxOxP, pixels))
 
 
 def _probability(logits: Array) -> np.ndarray:
@@ -415,14 +435,14 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     keep = bx.nms(win, score, config.nms_pnet)
     b1 = bx.fix(bx.square(bx.regress(win[keep], reg[keep], plus_one=False)))
     steps["pnet"] = {"boxes": b1, "scores": score[keep]}
-    src = crop_sources(image, np.array([h, w]), groups, sizes, plan)
-    out = _run_net("rnet", params["rnet"], crop_patches(src, b1, 24, crop_taps(config)))
+    src = crop_sources(image, np.array([h, w]))
+    out = _run_net("rnet", params["rnet"], crop_patches(src, b1, 24))
     prob, reg = _probability(out["logits"]), np.asarray(out["box"])
     passed = np.nonzero(prob > config.thresholds[1])[0]
     keep = passed[bx.nms(b1[passed], prob[passed], config.nms_rnet)]
     b2 = bx.fix(bx.square(bx.regress(b1[keep], reg[keep], plus_one=True)))
     steps["rnet"] = {"boxes": b2, "scores": prob[keep]}
-    out = _run_net("onet", params["onet"], crop_patches(src, b2, 48, crop_taps(config)))
+    out = _run_net("onet", params["onet"], crop_patches(src, b2, 48))
     prob, reg, rel = _probability(out["logits"]), np.asarray(out["box"]), np.asarray(out["landmarks"])
     passed = np.nonzero(prob > config.thresholds[2])[0]
     points = bx.landmarks_from_relative(b2[passed], rel[passed])
@@ -497,11 +517,11 @@ def _stage_spec(stage: str) -> dict:
     return {**{k: (v.shape[1:], v.dtype) for k, v in out.items()}, "prob": ((), jnp.float32)}
 
 
-def _stage_net(net: Callable, params: dict, srcs: CropSources, out: int, taps: int) -> Callable:
+def _stage_net(net: Callable, params: dict, srcs: CropSources, out: int) -> Callable:
     """(B, C, 4) boxes -> dict of (B, C, ...) net outputs on their crops, plus the face probability."""
 
     def fn(boxes_BxCx4):
-        crops = jax.vmap(lambda s, bb: crop_patches(s, bb, out, taps))(srcs, boxes_BxCx4)
+        crops = jax.vmap(lambda s, bb: crop_patches(s, bb, out))(srcs, boxes_BxCx4)
         bsz, c = crops.shape[:2]
         o = net(params, nets.normalize(crops.reshape((bsz * c,) + crops.shape[2:])))
         o = {k: v.reshape((bsz, c) + v.shape[1:]) for k, v in o.items()}
@@ -510,8 +530,7 @@ def _stage_net(net: Callable, params: dict, srcs: CropSources, out: int, taps: i
     return fn
 
 
-jax.tree_util.register_dataclass(CropSources, data_fields=["arrays", "hw_Jx2", "scale_Jx2"],
-                                 meta_fields=["array", "offsets", "widths"])
+jax.tree_util.register_dataclass(CropSources, data_fields=["atlas", "hw_Jx2", "scale_Jx2"], meta_fields=["corners"])
 
 
 def _cell_mask(prob_BxM, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, t1: float):
@@ -554,15 +573,12 @@ def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, ta
     overflow = {"window": over_window, "pnet": over_pnet}
     if upto == "pnet":
         return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
-    srcs = jax.vmap(lambda im, hw, gs, lhw: crop_sources(im, hw, gs, lhw, plan))(
-        images, sizes_Bx2, groups, level_hw_BxLx2)
-    r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24, crop_taps(config)), b1, v1, config.net_chunk,
-                       _stage_spec("rnet"))
+    srcs = jax.vmap(crop_sources)(images, sizes_Bx2)
+    r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24), b1, v1, config.net_chunk, _stage_spec("rnet"))
     b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
     if upto == "rnet":
         return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
-    o = _run_in_chunks(_stage_net(nets.onet, params["onet"], srcs, 48, crop_taps(config)), b2, v2, config.net_chunk,
-                       _stage_spec("onet"))
+    o = _run_in_chunks(_stage_net(nets.onet, params["onet"], srcs, 48), b2, v2, config.net_chunk, _stage_spec("onet"))
     b3, s3, pts, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
         b2, v2, o["prob"], o["box"], o["landmarks"])
     return {"boxes": b3, "scores": s3, "landmarks": pts, "valid": v3, "overflow": overflow}

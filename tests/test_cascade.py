@@ -169,10 +169,9 @@ def test_resample_taps_area_and_bilinear():
 def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
     """A fixed 1-based box crops exactly pixels x1-1..x2-1 (pad.m), zero where it leaves the image."""
     image = np.random.default_rng(2).uniform(0, 255, (60, 50, 3)).astype(np.float32)
-    src = cascade.crop_sources(image, np.array([60, 50]), [], np.zeros((0, 2), np.int32),
-                               cascade.PyramidPlan(scales=(), bufs=(), offsets=(), canvas_hw=(12, 12), n_mips=1, taps=2))
-    inside = cascade.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24, 3)[0]  # 24 x 24 pixels
+    src = cascade.crop_sources(image, np.array([60, 50]), 1)
+    inside = cascade.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24)[0]  # 24 x 24 pixels
     np.testing.assert_allclose(inside, image[20:44, 10:34], atol=1e-4)
-    corner = cascade.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24, 3)[0]  # 12 px outside
+    corner = cascade.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
     np.testing.assert_allclose(corner[:12], 0.0)
     np.testing.assert_allclose(corner[12:, 12:], image[:12, :12], atol=1e-4)
