@@ -11,7 +11,8 @@ Resizing (pyramid levels and crops) follows imResample, which detect_face.m call
 average when shrinking, bilinear with half-pixel centres when enlarging. Two shortcuts keep it cheap,
 documented in the README: a level, and a crop, is area-resampled from the exact 2^j x 2^j mip of the
 image just larger than it (not from the image itself).
-All levels live in three stacked canvases (level 0, level 1, the rest), so P-Net runs three times.
+All levels live in stacked canvases (the four largest levels one each, the rest together), so P-Net runs
+five times.
 """
 
 from __future__ import annotations
@@ -101,10 +102,14 @@ def _taps(ratio: float) -> int:
 
 
 # Crops are resampled from the 2^-j mip of the image just larger than them: at most 2 source pixels per
-# output pixel, so 3 taps cover every area average (and bilinear enlarging needs 2). 9 mips (down to
-# 1/256) cover boxes up to 12,288 pixels across.
+# output pixel, so 3 taps cover every area average (and bilinear enlarging needs 2).
 CROP_TAPS = 3
-CROP_MIPS = 9
+
+
+def crop_mips(h: int, w: int) -> int:
+    """Mips an h x w image needs as crop sources: a 24-pixel crop of any box up to 4 times the image's
+    longer side then reads at most 2 mip pixels per output pixel."""
+    return max(1, math.ceil(math.log2(2 * max(h, w) / 24))) + 1
 
 
 # ----------------------------------------------------------------------------- resampling (shared)
@@ -129,6 +134,9 @@ def resample_taps(start_E: Array, length_E: Array, out_len_E: Array, out_buf: in
     shrink = (ratio >= 1)[..., None]
     weights = xp.where(shrink, w_area, w_bilinear) * (k < out_len)[..., None]
     return xp.where(shrink, idx_area, idx_bilinear).astype(xp.int32), weights.astype(xp.float32)
+
+
+SEPARATE_LEVELS = 4  # P-Net runs on each of the 4 largest levels alone, then once on the rest stacked
 
 
 @dataclass(frozen=True)
@@ -174,12 +182,14 @@ class PyramidPlan:
 
     @functools.cached_property
     def groups(self) -> tuple[tuple[int, int, int], ...]:
-        """Canvas slices (first row, end row, width) P-Net runs on: level 0, level 1, then all smaller
-        levels, each at its own width (one slice of the full canvas width would waste 70 % on padding)."""
+        """Canvas slices (first row, end row, width) P-Net runs on: the first SEPARATE_LEVELS levels one
+        each, then all smaller levels stacked at the width of the first of them (stacking all levels at
+        the full canvas width would waste 70 % on padding; from the fifth level on, the waste is small)."""
         b, o, hc = self.bufs, self.offsets, self.canvas_hw[0]
-        if len(b) < 3:
-            return tuple((oy, oy + bh, bw) for (bh, bw), oy in zip(b, o)) or ((0, hc, self.canvas_hw[1]),)
-        return ((0, b[0][0], b[0][1]), (o[1], o[1] + b[1][0], b[1][1]), (o[2], hc, b[2][1]))
+        if not b:
+            return ((0, hc, self.canvas_hw[1]),)
+        n = min(SEPARATE_LEVELS, len(b) - 1)
+        return tuple((o[k], o[k] + b[k][0], b[k][1]) for k in range(n)) + ((o[n], hc, b[n][1]),)
 
     @functools.cached_property
     def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,15 +221,13 @@ def mip_pyramid(image_HxWx3: Array, image_hw: Array, n_mips: int) -> list[Array]
     """Mips of the real image region: mip j is the exact 2^j x 2^j area average over REAL pixels only,
     so padding never leaks in. The image must be zero outside its real h x w; mip 0 is the image."""
     xp = bx.xp_of(image_HxWx3, image_hw)
-    step = 2 ** (n_mips - 1)
-    h, w = image_HxWx3.shape[:2]
-    hp, wp = -(-h // step) * step, -(-w // step) * step
-    sums = xp.pad(xp.asarray(image_HxWx3, xp.float32), ((0, hp - h), (0, wp - w), (0, 0)))
+    sums = xp.asarray(image_HxWx3, xp.float32)
     mips = [sums]
     for j in range(1, n_mips):
-        sums, size = _sum_pool2(sums), 2**j
-        rows = xp.clip(image_hw[0] - xp.arange(hp // size) * size, 0, size)  # real pixels per block row
-        cols = xp.clip(image_hw[1] - xp.arange(wp // size) * size, 0, size)
+        odd = ((0, sums.shape[0] % 2), (0, sums.shape[1] % 2), (0, 0))
+        sums, size = _sum_pool2(xp.pad(sums, odd) if odd[0][1] or odd[1][1] else sums), 2**j
+        rows = xp.clip(image_hw[0] - xp.arange(sums.shape[0]) * size, 0, size)  # real pixels per block row
+        cols = xp.clip(image_hw[1] - xp.arange(sums.shape[1]) * size, 0, size)
         mips.append(sums / xp.maximum(rows[:, None] * cols[None, :], 1)[..., None].astype(xp.float32))
     return mips
 
@@ -247,13 +255,14 @@ def level_taps(image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> tuple
 
 
 def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan,
-                 taps: tuple[Array, Array, Array, Array] | None = None) -> list[Array]:
+                 taps: tuple[Array, Array, Array, Array] | None = None, mips: list[Array] | None = None) -> list[Array]:
     """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
     group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
     2^-j scale just larger than it); zero elsewhere. Per group: one vertical gather, one horizontal per
-    level. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` (computed here when not given)."""
+    level. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` and `mips` the image's `mip_pyramid` (at
+    least plan.n_mips), each computed here when not given."""
     xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
-    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips)
+    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips) if mips is None else mips
     iy, wy, ix, wx = level_taps(image_hw, level_hw_Lx2, plan) if taps is None else taps
     level, local = plan.rows
     groups = []
@@ -321,17 +330,17 @@ class CropSources:
     scale_Jx2: Array
 
 
-def crop_sources(image_HxWx3: Array, image_hw: Array, n_mips: int = CROP_MIPS) -> CropSources:
-    """The image (zero outside its real h x w) and `n_mips - 1` mips of it as crop sources."""
+def crop_sources(image_HxWx3: Array, image_hw: Array, n_mips: int, mips: list[Array] | None = None) -> CropSources:
+    """The image (zero outside its real h x w) and `n_mips - 1` mips of it as crop sources (`crop_mips`);
+    `mips` is the image's `mip_pyramid` (at least n_mips) when already computed."""
     xp = bx.xp_of(image_HxWx3, image_hw)
-    mips = mip_pyramid(image_HxWx3, image_hw, n_mips)
-    hp, wp = mips[0].shape[:2]
-    corners = [(0, 0)] + [(sum(m.shape[0] for m in mips[1:j]), wp) for j in range(1, n_mips)]
-    if n_mips > 1:  # the mips' column, zero-padded to half the image's width and its full height
-        side = xp.concatenate([xp.pad(m, ((0, 0), (0, wp // 2 - m.shape[1]), (0, 0))) for m in mips[1:]])
-        atlas = xp.concatenate([mips[0], xp.pad(side, ((0, hp - side.shape[0]), (0, 0), (0, 0)))], axis=1)
-    else:
-        atlas = mips[0]
+    mips = (mip_pyramid(image_HxWx3, image_hw, n_mips) if mips is None else mips)[:n_mips]
+    corners = [(0, 0)] + [(sum(m.shape[0] for m in mips[1:j]), mips[0].shape[1]) for j in range(1, n_mips)]
+    atlas = mips[0]
+    if n_mips > 1:  # the mips' column, zero-padded to mip 1's width, on the image's right
+        side = xp.concatenate([xp.pad(m, ((0, 0), (0, mips[1].shape[1] - m.shape[1]), (0, 0))) for m in mips[1:]])
+        rows = max(atlas.shape[0], side.shape[0])
+        atlas = xp.concatenate([xp.pad(a, ((0, rows - a.shape[0]), (0, 0), (0, 0))) for a in (atlas, side)], axis=1)
     div = xp.asarray(2 ** np.arange(n_mips), xp.int32)[:, None]
     hw = -(-xp.asarray(image_hw, xp.int32)[None, :] // div)
     return CropSources(atlas, tuple(corners), hw, xp.ones((n_mips, 2), xp.float32) / div.astype(xp.float32))
@@ -435,7 +444,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     keep = bx.nms(win, score, config.nms_pnet)
     b1 = bx.fix(bx.square(bx.regress(win[keep], reg[keep], plus_one=False)))
     steps["pnet"] = {"boxes": b1, "scores": score[keep]}
-    src = crop_sources(image, np.array([h, w]))
+    src = crop_sources(image, np.array([h, w]), crop_mips(h, w))
     out = _run_net("rnet", params["rnet"], crop_patches(src, b1, 24))
     prob, reg = _probability(out["logits"]), np.asarray(out["box"])
     passed = np.nonzero(prob > config.thresholds[1])[0]
@@ -556,8 +565,10 @@ def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, ta
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    groups = jax.vmap(lambda im, hw, lhw, taps: build_levels(im, hw, lhw, plan, taps))(
-        images, sizes_Bx2, level_hw_BxLx2, taps_B)
+    n_crop = crop_mips(hb, wb)
+    mips = jax.vmap(lambda im, hw: mip_pyramid(im, hw, max(plan.n_mips, n_crop)))(images, sizes_Bx2)
+    groups = jax.vmap(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
+        images, sizes_Bx2, level_hw_BxLx2, taps_B, mips)
     masks = jax.vmap(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
     probs, regs = [], []
     for group, real in zip(groups, masks):
@@ -573,7 +584,7 @@ def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, ta
     overflow = {"window": over_window, "pnet": over_pnet}
     if upto == "pnet":
         return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
-    srcs = jax.vmap(crop_sources)(images, sizes_Bx2)
+    srcs = jax.vmap(lambda im, hw, m: crop_sources(im, hw, n_crop, m))(images, sizes_Bx2, mips)
     r = _run_in_chunks(_stage_net(nets.rnet, params["rnet"], srcs, 24), b1, v1, config.net_chunk, _stage_spec("rnet"))
     b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
     if upto == "rnet":
