@@ -8,7 +8,7 @@
 
 Both follow detect_face.m. Coordinates are the original's: 1-based inclusive pixel boxes.
 Resizing (pyramid levels and crops) follows imResample, which detect_face.m calls: an exact area
-average when shrinking, bilinear with half-pixel centres when enlarging. Two shortcuts keep it cheap,
+average when shrinking, bilinear with half-pixel centres when enlarging. One shortcut keeps it cheap,
 documented in the README: a level, and a crop, is area-resampled from the exact 2^j x 2^j mip of the
 image just larger than it (not from the image itself).
 All levels live in stacked canvases (the four largest levels one each, the rest together), so P-Net runs

@@ -175,3 +175,12 @@ def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
     corner = cascade.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
     np.testing.assert_allclose(corner[:12], 0.0)
     np.testing.assert_allclose(corner[12:, 12:], image[:12, :12], atol=1e-4)
+
+
+def test_crop_of_a_box_twice_the_output_reads_the_exact_2x2_mip():
+    """A 48-pixel box cropped to 24 comes from mip 1: each crop pixel is the mean of its 2 x 2 image pixels."""
+    image = np.random.default_rng(3).uniform(0, 255, (90, 80, 3)).astype(np.float32)
+    src = cascade.crop_sources(image, np.array([90, 80]), cascade.crop_mips(90, 80))
+    crop = cascade.crop_patches(src, np.array([[11.0, 21.0, 58.0, 68.0]]), 24)[0]
+    expected = image[20:68, 10:58].reshape(24, 2, 24, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(crop, expected, atol=1e-3)

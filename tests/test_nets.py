@@ -119,3 +119,13 @@ def test_conv_valid_derivatives_equal_lax_conv_autodiff(shape, k):
     # Only the kernel differentiated (the first layer's image): the symbolic-zero branch.
     g = jax.grad(lambda w: jnp.sum(nets.conv_valid(x, w) * weights))(kernel)
     np.testing.assert_allclose(g, ref[1], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", nets.CONV_FORMS)
+def test_every_conv_form_equals_lax_conv(form):
+    """The evaluation forms are the same sums: each equals XLA's convolution on odd shapes and channels."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 13, 11, 5)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 36)).astype(np.float32))
+    expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(nets.conv_valid(x, kernel, form), expected, atol=1e-4)
