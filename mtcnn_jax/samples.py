@@ -51,6 +51,7 @@ class SampleConfig:
     negatives_per_image: int = 50  # random crops, side in [12, min(w, h) / 2]
     negatives_near_face: int = 5  # per face, overlapping it in x or y
     jitters_per_face: int = 20  # positive / part candidates around each face
+    hard_face_jitters: int = 0  # R-/O-Net: as many jittered crops around each face, added to the detections
     landmark_jitters: int = 10  # per landmark face, besides its own box
     min_face: int = 20  # faces (and detections) smaller than this are not cropped around
     flip_prob: float = 0.5  # positives and landmark samples
@@ -219,8 +220,14 @@ def detection_crops(dets_Dx4: np.ndarray) -> np.ndarray:
 def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rng: np.random.Generator,
                cfg: SampleConfig):
     """R-Net / O-Net samples of one image: the earlier stages' detections (side >= min_face, inside the
-    image), labelled by IoU with the ground truth (hard examples)."""
-    crops_Nx4 = detection_crops(dets_Dx4)
+    image), labelled by IoU with the ground truth (hard examples). With `hard_face_jitters`, jittered crops
+    around each face are added, so that the positives and part faces are not only those the earlier stages
+    found (on a small training set they are few: every face then gives more than one)."""
+    crops = [detection_crops(dets_Dx4)]
+    if cfg.hard_face_jitters:
+        faces = [f for f in gt_Gx4 if min(f[2] - f[0], f[3] - f[1]) >= cfg.min_face]
+        crops += [jitter_crops(rng, face, cfg.hard_face_jitters) for face in faces]
+    crops_Nx4 = np.concatenate(crops)
     crops_Nx4 = crops_Nx4[inside(crops_Nx4, hw) & (sides(crops_Nx4) >= cfg.min_face)]
     return flip_some(label_crops(crops_Nx4, gt_Gx4, cfg), ["positive"], rng, cfg.flip_prob)
 
@@ -551,12 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     p.add_argument("--ratio", type=parse_ratio, default=(3, 1, 1, 2), help="negative:positive:part:landmark")
     p.add_argument("--flip-prob", type=float, default=0.5, help="mirror positives and landmark samples")
+    p.add_argument("--min-face", type=int, default=20,
+                   help="faces and R-/O-Net detections smaller than this (pixels) are not cropped around")
+    p.add_argument("--face-jitters", type=int, default=0,
+                   help="R-/O-Net: also N jittered crops around each face, besides the detections")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob)
+    cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
+                       hard_face_jitters=args.face_jitters, min_face=args.min_face)
     try:
         summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
                                max_images=args.max_images, max_landmarks=args.max_landmarks, workers=args.workers)

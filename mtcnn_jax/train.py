@@ -3,7 +3,7 @@
     python -m mtcnn_jax.train --stage pnet --data SAMPLES_DIR --workdir DIR [--steps N] [--batch-size B] ...
 
 Every other flag is a field of `TrainConfig` (`--learning-rate`, `--lr-decay-fractions 0.2,0.5,0.7`,
-`--no-...` for booleans). The sample source is anything with `__len__` and `__getitem__(i)` returning
+`--no-...` for booleans; `--init-from RUN_OR_CHECKPOINT|original` fine-tunes). The sample source is anything with `__len__` and `__getitem__(i)` returning
 a dict with "image" uint8 (S, S, 3) (S = 12/24/48 for the stage), "label" int (1 positive, 0 negative,
 -1 part, -2 landmark), "box" float32 (4,) and "landmarks" float32 (10,) as `mtcnn_jax.samples.load`
 returns; other keys are ignored. The data order, the flips and the dropout keys of step s are a pure
@@ -36,7 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from mtcnn_jax import losses, nets
+from mtcnn_jax import checkpoints, losses, nets
 from mtcnn_jax.samples import flip_targets
 
 AXIS = "batch"  # the named device axis of the data-parallel step
@@ -68,6 +68,7 @@ class TrainConfig:
     max_checkpoints: int = 3
     seed: int = 0
     val_fraction: float = 0.02  # held-back samples: an evenly spaced, deterministic set of indices
+    init_from: str = ""  # start from these params, not a random init: a run, a checkpoint, or "original"
 
     @property
     def weights(self) -> losses.LossWeights:
@@ -337,6 +338,8 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
             )
     elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ValueError(f"{workdir}/checkpoints exists without config.json: cannot tell which stage it holds")
+    if config.init_from not in ("", "original") and not Path(config.init_from).is_dir():
+        raise FileNotFoundError(f"--init-from {config.init_from}: no training run or checkpoint there")
     return workdir
 
 
@@ -358,10 +361,29 @@ def _checkpoint_tree(state: TrainState, config: TrainConfig) -> dict[str, Any]:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
 
 
+def initial_params(config: TrainConfig, fresh: Any) -> Any:
+    """The params `config.init_from` names (a training WORKDIR, a checkpoint directory, or "original" for the
+    released weights), checked against the tree of `fresh` params: the start of a fine-tuning run."""
+    if config.init_from == "original":
+        from mtcnn_jax.pretrained import load_pretrained
+
+        params = load_pretrained()[config.stage]
+    else:
+        params = checkpoints.load_params(config.init_from, config.stage)
+    want = jax.tree_util.tree_map(lambda x: x.shape, fresh)
+    got = jax.tree_util.tree_map(lambda x: x.shape, params)
+    if got != want:
+        raise ValueError(f"--init-from {config.init_from}: not {config.stage} params (shapes {got}, expected {want})")
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
 def restore_or_init(manager: ocp.CheckpointManager, config: TrainConfig) -> TrainState:
-    """The latest checkpoint's state if there is one, else a fresh state."""
+    """The latest checkpoint's state if there is one, else a fresh state (from `config.init_from` if set)."""
     fresh = init_state(config)
     step = manager.latest_step()
+    if step is None and config.init_from:
+        params = initial_params(config, fresh.params)
+        return TrainState(fresh.step, params, make_optimizer(config).init(params))
     if step is None:
         return fresh
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpoint_tree(fresh, config))

@@ -166,3 +166,19 @@ def test_rnet_hard_examples_label_by_iou(shared_data, tmp_path):
         if r["label"] != samples.LABEL["landmark"]:
             iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
             assert samples.iou_labels(np.array([iou]), samples.SampleConfig())[0] == r["label"]
+
+
+def test_hard_face_jitters_add_labelled_crops_around_each_face():
+    gt = np.array([[100, 100, 160, 170], [10, 10, 18, 18]], np.float64)  # the second is under min_face
+    dets = np.array([[101, 101, 160, 170]], np.float64)  # 1-based inclusive, as the cascade gives
+    plain = samples.hard_specs((400, 400), gt, dets, np.random.default_rng(0), samples.SampleConfig(stage="rnet"))
+    assert len(plain["label"]) == 1 and plain["label"][0] == samples.LABEL["positive"]
+    cfg = samples.SampleConfig(stage="rnet", hard_face_jitters=30, flip_prob=0.0)
+    table = samples.hard_specs((400, 400), gt, dets, np.random.default_rng(0), cfg)
+    assert len(table["label"]) > 1 and set(table["label"]) >= {samples.LABEL["positive"], samples.LABEL["part"]}
+    iou = bx.iou_matrix(table["crop"].astype(np.float64), gt).max(axis=1)
+    np.testing.assert_array_equal(samples.iou_labels(iou, cfg), table["label"])
+    assert (samples.sides(table["crop"]) >= 0.8 * 60 - 1).all()  # none around the 8-pixel face
+    best_gt = gt[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), gt), axis=1)]
+    face = table["label"] != samples.LABEL["negative"]  # negatives carry zero box targets
+    np.testing.assert_allclose(table["box"][face], samples.box_targets(table["crop"], best_gt)[face], atol=1e-6)

@@ -341,3 +341,27 @@ def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, t
     again = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--rnet", str(workdir)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "is a pnet training run, not rnet" in again.stderr
+
+
+def test_init_from_a_run_or_the_original_weights(uninterrupted, tmp_path):
+    workdir, state = uninterrupted
+    config = dataclasses.replace(BASE, init_from=str(workdir))
+    with train.checkpoint_manager(tmp_path / "a", config) as manager:
+        start = train.restore_or_init(manager, config)
+    assert int(start.step) == 0
+    assert_trees_close(start.params, state.params)  # the run's latest params, a fresh optimizer state
+    assert all(not np.any(x) for x in jax.tree_util.tree_leaves(start.opt_state))
+    rnet = dataclasses.replace(BASE, stage="rnet", input_size=24, init_from=str(tmp_path / "cascade"))
+    checkpoints.save_cascade(tmp_path / "cascade", {s: state.params for s in checkpoints.STAGES})  # P-Net trees
+    with pytest.raises(ValueError, match="not rnet params"):
+        train.initial_params(rnet, train.init_state(rnet).params)
+    with pytest.raises(FileNotFoundError, match="init-from"):
+        train.check_run(tmp_path / "c", dataclasses.replace(BASE, init_from=str(tmp_path / "nowhere")), 1)
+    from mtcnn_jax import pretrained
+
+    try:
+        released = pretrained.load_pretrained()
+    except pretrained.WeightsNotFoundError as err:
+        pytest.skip(f"the released MTCNN weights are not available here: {err}")
+    onet = dataclasses.replace(BASE, stage="onet", input_size=48, init_from="original")
+    assert_trees_close(train.initial_params(onet, train.init_state(onet).params), released["onet"])
