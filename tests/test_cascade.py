@@ -170,11 +170,14 @@ def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
     """A fixed 1-based box crops exactly pixels x1-1..x2-1 (pad.m), zero where it leaves the image."""
     image = np.random.default_rng(2).uniform(0, 255, (60, 50, 3)).astype(np.float32)
     src = cascade.crop_sources(image, np.array([60, 50]), 1)
+    assert src.atlas.shape[:2] == (100, 100)  # padded once to O-Net's window (48 * 2 + 4), not per read
     inside = cascade.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24)[0]  # 24 x 24 pixels
     np.testing.assert_allclose(inside, image[20:44, 10:34], atol=1e-4)
     corner = cascade.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
     np.testing.assert_allclose(corner[:12], 0.0)
     np.testing.assert_allclose(corner[12:, 12:], image[:12, :12], atol=1e-4)
+    onet = cascade.crop_patches(src, np.array([[1.0, 1.0, 48.0, 48.0]]), 48)[0]  # O-Net's 48 from the image
+    np.testing.assert_allclose(onet, image[:48, :48], atol=1e-3)
 
 
 def test_crop_of_a_box_twice_the_output_reads_the_exact_2x2_mip():
