@@ -448,9 +448,22 @@ def examples(results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Ite
 
 
 def write_dataset(out: Path, stage: str, results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Path:
-    """Write the kept samples as the TFDS dataset mtcnn_samples/<stage> under `out` (array_record)."""
+    """Write the kept samples as the TFDS dataset mtcnn_samples/<stage> under `out` (array_record).
+
+    TFDS shuffles the records in memory up to 1 GB and beyond that spills them to files written with
+    TensorFlow, which this package does not install; the buffer is raised to the set's size instead (the
+    trainer holds the whole set in memory anyway)."""
+    from tensorflow_datasets.core import shuffle
+
+    n = sum(int(k.sum()) for k in keep)
+    needed = n * (3 * STAGE_SIZE[stage] ** 2 + 1024)  # pixels + serialised targets and source path, generously
     builder = _builder_class()(config=stage, data_dir=str(out), examples=lambda: examples(results, keep, work_dir))
-    builder.download_and_prepare()
+    default = shuffle.MAX_MEM_BUFFER_SIZE
+    shuffle.MAX_MEM_BUFFER_SIZE = max(default, needed)
+    try:
+        builder.download_and_prepare()
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = default
     return Path(builder.data_dir)
 
 

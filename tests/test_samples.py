@@ -182,3 +182,15 @@ def test_hard_face_jitters_add_labelled_crops_around_each_face():
     best_gt = gt[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), gt), axis=1)]
     face = table["label"] != samples.LABEL["negative"]  # negatives carry zero box targets
     np.testing.assert_allclose(table["box"][face], samples.box_targets(table["crop"], best_gt)[face], atol=1e-6)
+
+
+def test_sets_over_the_shuffle_buffer_are_written_without_tensorflow(shared_data, tmp_path, monkeypatch):
+    """TFDS spills a shuffle buffer over 1 GB to files through TensorFlow (not installed): a larger set must
+    still be written. The buffer is shrunk here so that a small set crosses it."""
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1_000)
+    summary = samples.make_samples(shared_data / "wider_face", None, tmp_path, samples.SampleConfig(seed=1),
+                                   max_images=2, workers=1)
+    assert len(samples.load(tmp_path)) == summary["total"] > 1_000 // (3 * 12 * 12)
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1_000
