@@ -451,15 +451,12 @@ def write_dataset(out: Path, stage: str, results: list[dict], keep: list[np.ndar
     """Write the kept samples as the TFDS dataset mtcnn_samples/<stage> under `out` (array_record).
 
     TFDS shuffles the records in memory up to 1 GB and beyond that spills them to files written with
-    TensorFlow, which this package does not install; the buffer is raised to the set's size instead (the
-    trainer holds the whole set in memory anyway)."""
+    TensorFlow, which this package does not install; the buffer is unbounded while writing instead (the set
+    is held in memory once, as the trainer holds it anyway)."""
     from tensorflow_datasets.core import shuffle
 
-    n = sum(int(k.sum()) for k in keep)
-    needed = n * (3 * STAGE_SIZE[stage] ** 2 + 1024)  # pixels + serialised targets and source path, generously
     builder = _builder_class()(config=stage, data_dir=str(out), examples=lambda: examples(results, keep, work_dir))
-    default = shuffle.MAX_MEM_BUFFER_SIZE
-    shuffle.MAX_MEM_BUFFER_SIZE = max(default, needed)
+    default, shuffle.MAX_MEM_BUFFER_SIZE = shuffle.MAX_MEM_BUFFER_SIZE, sys.maxsize
     try:
         builder.download_and_prepare()
     finally:
