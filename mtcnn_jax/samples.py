@@ -9,7 +9,11 @@ Each record keeps its provenance ("source" image, "crop" box in its pixels, "fli
 can be audited. Per-image seeds come from (seed, image index), so results do not depend on scheduling.
 
     python -m mtcnn_jax.samples {pnet,rnet,onet} --wider DIR --landmarks DIR --out DIR [--weights CKPT]
-        [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2]
+        [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2] [--min-face 20] [--face-jitters 0]
+
+`--face-jitters N` adds N jittered crops around every face to the R-/O-Net detections (more positives and
+part faces than the earlier stages find on a small set); `--min-face` is the smallest face or detection
+cropped (12 lets R-/O-Net see the small candidates they meet at inference).
 """
 
 from __future__ import annotations
