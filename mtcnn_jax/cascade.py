@@ -341,12 +341,16 @@ def crop_sources(image_HxWx3: Array, image_hw: Array, n_mips: int, mips: list[Ar
         side = xp.concatenate([xp.pad(m, ((0, 0), (0, mips[1].shape[1] - m.shape[1]), (0, 0))) for m in mips[1:]])
         rows = max(atlas.shape[0], side.shape[0])
         atlas = xp.concatenate([xp.pad(a, ((0, rows - a.shape[0]), (0, 0), (0, 0))) for a in (atlas, side)], axis=1)
-    win = crop_window(max(nets.INPUT_SIZE.values()), CROP_TAPS)  # the largest window a stage reads
-    pad = ((0, max(win - atlas.shape[0], 0)), (0, max(win - atlas.shape[1], 0)), (0, 0))
-    atlas = xp.pad(atlas, pad) if any(p[1] for p in pad) else atlas  # tiny images: pad once, not per read
+    atlas = _pad_to_window(atlas, crop_window(max(nets.INPUT_SIZE.values()), CROP_TAPS))  # tiny images: once
     div = xp.asarray(2 ** np.arange(n_mips), xp.int32)[:, None]
     hw = -(-xp.asarray(image_hw, xp.int32)[None, :] // div)
     return CropSources(atlas, tuple(corners), hw, xp.ones((n_mips, 2), xp.float32) / div.astype(xp.float32))
+
+
+def _pad_to_window(atlas_HxWx3: Array, win: int) -> Array:
+    """The atlas zero-padded at the bottom and right to at least win x win, so a window always fits."""
+    pad = ((0, max(win - atlas_HxWx3.shape[0], 0)), (0, max(win - atlas_HxWx3.shape[1], 0)), (0, 0))
+    return bx.xp_of(atlas_HxWx3).pad(atlas_HxWx3, pad) if pad[0][1] or pad[1][1] else atlas_HxWx3
 
 
 def crop_window(out: int, taps: int) -> int:
@@ -375,8 +379,7 @@ def _read_windows(src: CropSources, j_N: Array, iy0_N: Array, ix0_N: Array, win:
     several times slower), and the window's first row and column in its source's coordinates."""
     xp = bx.xp_of(j_N, iy0_N, ix0_N)
     corner_N = xp.asarray(np.array(src.corners, np.int32).reshape(-1, 2))[j_N]
-    pad = ((0, max(win - src.atlas.shape[0], 0)), (0, max(win - src.atlas.shape[1], 0)), (0, 0))
-    atlas = xp.pad(src.atlas, pad) if any(p[1] for p in pad) else src.atlas  # only windows over O-Net's
+    atlas = _pad_to_window(src.atlas, win)  # a no-op unless the window is larger than O-Net's
     y = xp.clip(corner_N[:, 0] + xp.maximum(iy0_N, 0), 0, atlas.shape[0] - win).astype(xp.int32)
     x = xp.clip(corner_N[:, 1] + xp.maximum(ix0_N, 0), 0, atlas.shape[1] - win).astype(xp.int32)
     return _windows(atlas, y, x, win), y - corner_N[:, 0], x - corner_N[:, 1]

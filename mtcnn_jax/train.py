@@ -3,10 +3,10 @@
     python -m mtcnn_jax.train --stage pnet --data SAMPLES_DIR --workdir DIR [--steps N] [--batch-size B] ...
 
 Every other flag is a field of `TrainConfig` (`--learning-rate`, `--lr-decay-fractions 0.2,0.5,0.7`,
-`--no-...` for booleans; `--init-from RUN_OR_CHECKPOINT|original` fine-tunes). The sample source is anything with `__len__` and `__getitem__(i)` returning
-a dict with "image" uint8 (S, S, 3) (S = 12/24/48 for the stage), "label" int (1 positive, 0 negative,
--1 part, -2 landmark), "box" float32 (4,) and "landmarks" float32 (10,) as `mtcnn_jax.samples.load`
-returns; other keys are ignored. The data order, the flips and the dropout keys of step s are a pure
+`--no-...` for booleans; `--init-from RUN_OR_CHECKPOINT|original` fine-tunes). The sample source is
+anything with `__len__` and `__getitem__(i)` returning a dict with "image" uint8 (S, S, 3) (S = 12/24/48
+for the stage), "label" int (1 positive, 0 negative, -1 part, -2 landmark), "box" float32 (4,) and
+"landmarks" float32 (10,) as `mtcnn_jax.samples.load` returns; other keys are ignored. The data order, the flips and the dropout keys of step s are a pure
 function of (seed, s), so a run resumed from a checkpoint ends exactly where an uninterrupted one does.
 
 WORKDIR holds config.json (the run config), metrics.jsonl (one JSON object per logged step; "split":
