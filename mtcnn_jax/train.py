@@ -58,7 +58,8 @@ class TrainConfig:
     batch_size: int = 384  # global: split evenly over the local devices
     learning_rate: float = 1e-3
     lr_decay_fractions: tuple[float, ...] = (0.2, 0.5, 0.7)  # lr / 10 at each fraction of `steps`
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
+    optimizer: str = "sgd"  # "sgd" (Caffe's, the paper's) or "adam" (converges in fewer steps on a CPU budget)
     weight_decay: float = 5e-4  # on every parameter, added to the gradient before momentum (Caffe)
     ohem_ratio: float = 0.7
     flip_probability: float = 0.5  # for positives and landmark samples
@@ -219,12 +220,19 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     return optax.piecewise_constant_schedule(config.learning_rate, bounds)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay (added to the gradient, as in Caffe), on the step schedule."""
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(learning_rate_schedule(config), momentum=config.momentum),
-    )
+    """SGD with momentum (or Adam), L2 weight decay added to the gradient (as in Caffe), on the step schedule."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "adam":
+        step = optax.adam(schedule)
+    else:
+        step = optax.sgd(schedule, momentum=config.momentum)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), step)
 
 
 def init_state(config: TrainConfig) -> TrainState:
@@ -326,6 +334,8 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
     """Check the run before any training: a batch that divides over the devices, a workdir of the same stage."""
     if config.batch_size % devices:
         raise ValueError(f"batch size {config.batch_size} does not divide evenly over {devices} devices")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {config.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
     if config.input_size != nets.INPUT_SIZE[config.stage]:
         raise ValueError(f"{config.stage} takes {nets.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
     workdir = Path(workdir)
@@ -335,6 +345,11 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
         if previous.get("stage") != config.stage:
             raise ValueError(
                 f"{workdir} holds a {previous.get('stage')} run (config.json); refusing to train {config.stage} there"
+            )
+        if previous.get("optimizer", "sgd") != config.optimizer:
+            raise ValueError(
+                f"{workdir} holds a run with optimizer {previous.get('optimizer', 'sgd')}: its checkpoints cannot "
+                f"resume with {config.optimizer}"
             )
     elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ValueError(f"{workdir}/checkpoints exists without config.json: cannot tell which stage it holds")

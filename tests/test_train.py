@@ -243,6 +243,32 @@ def test_loss_decreases_on_a_learnable_set(tmp_path):
     assert val["accuracy"] > 0.9 and val["recall"] > 0.9, val
 
 
+def test_adam_matches_optax_adam_and_learns(tmp_path):
+    """--optimizer adam: one step equals optax's Adam on the L2-regularised gradient, and a short run learns."""
+    config = dataclasses.replace(BASE, optimizer="adam", learning_rate=3e-3, steps=40, batch_size=32,
+                                 lr_decay_fractions=(), log_interval=10, eval_interval=40, checkpoint_interval=40)
+    state = train.init_state(config)
+    grads = jax.tree_util.tree_map(lambda p: np.full(p.shape, 0.5, np.float32), state.params)
+    updates, _ = train.make_optimizer(config).update(grads, state.opt_state, state.params)
+    # Adam's first step moves every parameter by -lr * sign(g + wd * p) (m / sqrt(v) = +-1 up to eps).
+    for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(u), -3e-3 * np.sign(0.5 + 5e-4 * np.asarray(p)), rtol=1e-4)
+    train.train(config, synthetic_samples(140, 12, seed=1), tmp_path)
+    records = read_metrics(tmp_path)
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == "adam"
+
+
+def test_unknown_optimizer_and_optimizer_switch_are_refused(samples, tmp_path):
+    with pytest.raises(ValueError, match="--optimizer rmsprop: expected one of sgd, adam"):
+        train.train(dataclasses.replace(BASE, optimizer="rmsprop"), samples, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"stage": "pnet", "optimizer": "sgd"}))
+    with pytest.raises(ValueError, match="optimizer sgd: its checkpoints cannot resume with adam"):
+        train.train(dataclasses.replace(BASE, optimizer="adam"), samples, tmp_path / "b")
+
+
 def test_real_samples_loss_decreases(shared_data, tmp_path):
     """A short P-Net run on a small real sample set (20 WIDER images, 60 landmark faces) learns."""
     if importlib.util.find_spec("mtcnn_jax.samples") is None:
