@@ -10,10 +10,12 @@ can be audited. Per-image seeds come from (seed, image index), so results do not
 
     python -m mtcnn_jax.samples {pnet,rnet,onet} --wider DIR --landmarks DIR --out DIR [--weights CKPT]
         [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2] [--min-face 20] [--face-jitters 0]
+        [--square-faces]
 
 `--face-jitters N` adds N jittered crops around every face to the R-/O-Net detections (more positives and
 part faces than the earlier stages find on a small set); `--min-face` is the smallest face or detection
-cropped (12 lets R-/O-Net see the small candidates they meet at inference).
+cropped (12 lets R-/O-Net see the small candidates they meet at inference); `--square-faces` labels
+crops by IoU with each face's square, so that narrow faces can be positives too.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class SampleConfig:
     iou_negative: float = 0.3
     iou_part: float = 0.4
     iou_positive: float = 0.65
+    square_faces: bool = False  # label by IoU with the squared face box (the cascade shows the nets squares)
 
     @property
     def size(self) -> int:
@@ -117,11 +120,16 @@ def select(table: dict[str, np.ndarray], mask_N: np.ndarray) -> dict[str, np.nda
 
 
 def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """Label crops by their best IoU with the faces (bx.iou_matrix); box targets from that face."""
+    """Label crops by their best IoU with the faces (bx.iou_matrix); box targets from that face.
+
+    With `cfg.square_faces` the IoU is taken with each face's square (bx.square), the box targets still
+    with the face: a square crop's IoU with a face box is at most the box's aspect ratio, so without it a face
+    narrower than `iou_positive` of its height can never give a positive.
+    """
     crops_Nx4 = np.asarray(crops_Nx4, np.float64).reshape(-1, 4)
     if len(gt_Gx4) == 0:
         return specs(np.zeros(len(crops_Nx4)), crops_Nx4, np.zeros((len(crops_Nx4), 4)))
-    iou_NxG = bx.iou_matrix(crops_Nx4, gt_Gx4)
+    iou_NxG = bx.iou_matrix(crops_Nx4, bx.square(gt_Gx4) if cfg.square_faces else gt_Gx4)
     best_N = iou_NxG.argmax(axis=1)
     label_N = iou_labels(iou_NxG.max(axis=1), cfg)
     box_Nx4 = np.where((label_N != LABEL["negative"])[:, None], box_targets(crops_Nx4, gt_Gx4[best_N]), 0)
@@ -513,6 +521,7 @@ def summarise(results: list[dict], available: dict, kept: dict, cfg: SampleConfi
         for reason in r.get("skipped", []):
             skipped.add(reason, r["path"])
     return {"stage": cfg.stage, "size": cfg.size, "seed": cfg.seed, "ratio": list(cfg.ratio),
+            "square_faces": cfg.square_faces,
             "images": sum(r["kind"] == "wider" for r in results),
             "landmark_faces": sum(r["kind"] == "landmark" for r in results),
             "generated": available, "kept": kept, "dropped_by_ratio": {t: available[t] - kept[t] for t in TYPES},
@@ -576,13 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faces and R-/O-Net detections smaller than this (pixels) are not cropped around")
     p.add_argument("--face-jitters", type=int, default=0,
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
+    p.add_argument("--square-faces", action="store_true",
+                   help="label crops by IoU with each face's square box (narrow faces can be positives)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
-                       hard_face_jitters=args.face_jitters, min_face=args.min_face)
+                       hard_face_jitters=args.face_jitters, min_face=args.min_face, square_faces=args.square_faces)
     try:
         summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
                                max_images=args.max_images, max_landmarks=args.max_landmarks, workers=args.workers)

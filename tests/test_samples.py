@@ -42,6 +42,17 @@ def test_labels_follow_iou_thresholds():
                                   [0, samples.UNUSED, -1, -1, 1])
 
 
+def test_square_faces_label_by_iou_with_the_squared_face():
+    """A 10x20 face and the 20x20 square around it: IoU 0.5 (a part face), or 1 with its square (a positive);
+    the box targets stay those of the real face either way, (0.25, 0, -0.25, 0) of the crop's side."""
+    face, crop = np.array([[15.0, 10.0, 25.0, 30.0]]), np.array([[10.0, 10.0, 30.0, 30.0]])
+    for square, label in ((False, -1), (True, 1)):
+        table = samples.label_crops(crop, face, samples.SampleConfig(square_faces=square))
+        assert table["label"].tolist() == [label]
+        np.testing.assert_allclose(table["box"], [[0.25, 0.0, -0.25, 0.0]])
+    assert samples.build_parser().parse_args(["onet", "--wider", "w", "--out", "o", "--square-faces"]).square_faces
+
+
 def test_mix_subsamples_larger_types_to_the_ratio():
     kept = samples.mix_counts({"negative": 1000, "positive": 50, "part": 400, "landmark": 300}, (3, 1, 1, 2))
     assert kept == {"negative": 150, "positive": 50, "part": 50, "landmark": 100}
