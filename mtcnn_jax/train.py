@@ -6,8 +6,9 @@ Every other flag is a field of `TrainConfig` (`--learning-rate`, `--lr-decay-fra
 `--no-...` for booleans; `--init-from RUN_OR_CHECKPOINT|original` fine-tunes). The sample source is
 anything with `__len__` and `__getitem__(i)` returning a dict with "image" uint8 (S, S, 3) (S = 12/24/48
 for the stage), "label" int (1 positive, 0 negative, -1 part, -2 landmark), "box" float32 (4,) and
-"landmarks" float32 (10,) as `mtcnn_jax.samples.load` returns; other keys are ignored. The data order, the flips and the dropout keys of step s are a pure
-function of (seed, s), so a run resumed from a checkpoint ends exactly where an uninterrupted one does.
+"landmarks" float32 (10,) as `mtcnn_jax.samples.load` returns; other keys are ignored. The data order, the
+flips and the dropout keys of step s are a pure function of (seed, s), so a run resumed from a checkpoint
+ends exactly where an uninterrupted one does.
 
 WORKDIR holds config.json (the run config), metrics.jsonl (one JSON object per logged step; "split":
 "train" or "val") and checkpoints/ (Orbax; params, optimizer state, step and rng; the latest is
@@ -226,7 +227,7 @@ OPTIMIZERS = ("sgd", "adam")
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """SGD with momentum (or Adam), L2 weight decay added to the gradient (as in Caffe), on the step schedule."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"--optimizer {config.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
     schedule = learning_rate_schedule(config)
     if config.optimizer == "adam":
         step = optax.adam(schedule)
@@ -331,11 +332,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
-    """Check the run before any training: a batch that divides over the devices, a workdir of the same stage."""
+    """Check the run before any training: a batch that divides over the devices, a known optimizer, a workdir of
+    the same stage and optimizer."""
     if config.batch_size % devices:
         raise ValueError(f"batch size {config.batch_size} does not divide evenly over {devices} devices")
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {config.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
+    make_optimizer(config)  # an unknown --optimizer fails here, before anything is written
     if config.input_size != nets.INPUT_SIZE[config.stage]:
         raise ValueError(f"{config.stage} takes {nets.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
     workdir = Path(workdir)
@@ -346,9 +347,10 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
             raise ValueError(
                 f"{workdir} holds a {previous.get('stage')} run (config.json); refusing to train {config.stage} there"
             )
-        if previous.get("optimizer", "sgd") != config.optimizer:
+        previous_optimizer = previous.get("optimizer", "sgd")  # runs from before the flag were SGD
+        if previous_optimizer != config.optimizer:
             raise ValueError(
-                f"{workdir} holds a run with optimizer {previous.get('optimizer', 'sgd')}: its checkpoints cannot "
+                f"{workdir} holds a run with optimizer {previous_optimizer}: its checkpoints cannot "
                 f"resume with {config.optimizer}"
             )
     elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
