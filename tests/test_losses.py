@@ -18,16 +18,16 @@ def hand_batch():
     """Four samples, one of each label, with outputs whose losses are computed by hand:
 
     sample  label  logits      box pred / target                  landmarks pred / target
-    0       1      (0, ln 3)   (.1, .2, .3, .4) / 0  -> mse 0.075  ignored
-    1       0      (0, ln 3)   (9, 9, 9, 9) / 0  ignored (negative) ignored
-    2       -1     (5, -5) ign (0, 0, 0, 0) / (1, -1, .5, 0) -> mse (1 + 1 + .25) / 4 = 0.5625
-    3       -2     (5, -5) ign ignored                             0 / 0.5 (x10) -> mse 0.25
+    0       1      (0, ln 3)   (.1, .2, .3, .4) / 0  -> .01 + .04 + .09 + .16 = 0.3   ignored
+    1       0      (0, ln 3)   (9, 9, 9, 9) / 0  ignored (negative)            ignored
+    2       -1     (5, -5) ign (0, 0, 0, 0) / (1, -1, .5, 0) -> 1 + 1 + .25 = 2.25
+    3       -2     (5, -5) ign ignored                                        0 / 0.5 (x10) -> 10 * .25 = 2.5
 
     cls: p(face) = 3/4 for samples 0 and 1: CE0 = -ln(3/4) = ln(4/3), CE1 = -ln(1/4) = ln 4,
          mean = ln(16/3) / 2 = 0.83698.
-    box: (0.075 + 0.5625) / 2 = 0.31875.  landmark: 0.25.
+    box: (0.3 + 2.25) / 2 = 1.275 (squared distances summed over the 4 values, paper eq. 2).  landmark: 2.5.
     accuracy: sample 0 right (face), sample 1 wrong (face) -> 0.5; recall 1 / 1 = 1.0.
-    O-Net weights 1 / 0.5 / 1: total = 0.83698 + 0.159375 + 0.25 = 1.24636.
+    O-Net weights 1 / 0.5 / 1: total = 0.83698 + 0.6375 + 2.5 = 3.97448.
     """
     outputs = {
         "logits": jnp.array([[0.0, LN3], [0.0, LN3], [5.0, -5.0], [5.0, -5.0]]),
@@ -42,7 +42,7 @@ def hand_batch():
     return outputs, batch
 
 
-CLS, BOX, LANDMARK = math.log(16 / 3) / 2, 0.31875, 0.25
+CLS, BOX, LANDMARK = math.log(16 / 3) / 2, 1.275, 2.5
 
 
 def test_task_masks():
@@ -100,7 +100,7 @@ def test_nan_targets_outside_the_task_do_not_reach_the_gradient():
     labels = jnp.array([1, 0])  # the negative's box target is a NaN "no target"
     target = jnp.array([[0.0] * 4, [jnp.nan] * 4])
     loss, grad = jax.value_and_grad(lambda b: losses.box_loss(b, target, labels))(jnp.ones((2, 4)))
-    assert float(loss) == 1.0 and np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[1] == 0.0)
+    assert float(loss) == 4.0 and np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[1] == 0.0)
 
 
 def test_ohem_k_convention():
