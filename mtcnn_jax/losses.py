@@ -93,7 +93,7 @@ def classification_loss(
 def box_loss(
     box_Bx4: jax.Array, target_Bx4: jax.Array, labels_B: jax.Array, axis_name: str | None = None
 ) -> jax.Array:
-    """L2 box-offset loss averaged over positives and part faces."""
+    """Squared distance of the 4 box offsets to their targets, averaged over positives and part faces."""
     mask_B = task_masks(labels_B)["box"]
     return masked_mean(per_sample_l2(box_Bx4, _only_masked(target_Bx4, mask_B)), mask_B, axis_name)
 
@@ -101,7 +101,7 @@ def box_loss(
 def landmark_loss(
     landmarks_Bx10: jax.Array, target_Bx10: jax.Array, labels_B: jax.Array, axis_name: str | None = None
 ) -> jax.Array:
-    """L2 landmark loss averaged over the landmark samples."""
+    """Squared distance of the 10 landmark coordinates to their targets, averaged over the landmark samples."""
     mask_B = task_masks(labels_B)["landmark"]
     return masked_mean(per_sample_l2(landmarks_Bx10, _only_masked(target_Bx10, mask_B)), mask_B, axis_name)
 
