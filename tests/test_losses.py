@@ -17,11 +17,11 @@ LN3 = math.log(3.0)
 def hand_batch():
     """Four samples, one of each label, with outputs whose losses are computed by hand:
 
-    sample  label  logits      box pred / target                  landmarks pred / target
-    0       1      (0, ln 3)   (.1, .2, .3, .4) / 0  -> .01 + .04 + .09 + .16 = 0.3   ignored
-    1       0      (0, ln 3)   (9, 9, 9, 9) / 0  ignored (negative)            ignored
-    2       -1     (5, -5) ign (0, 0, 0, 0) / (1, -1, .5, 0) -> 1 + 1 + .25 = 2.25
-    3       -2     (5, -5) ign ignored                                        0 / 0.5 (x10) -> 10 * .25 = 2.5
+    sample  label  logits       box pred / target -> squared distance             landmarks pred / target
+    0       1      (0, ln 3)    (.1, .2, .3, .4) / 0 -> .01 + .04 + .09 + .16 = 0.3  ignored
+    1       0      (0, ln 3)    (9, 9, 9, 9) / 0: ignored (negative)                 ignored
+    2       -1     (5, -5) ign  (0, 0, 0, 0) / (1, -1, .5, 0) -> 1 + 1 + .25 = 2.25  ignored
+    3       -2     (5, -5) ign  ignored                                              0 / 0.5 (x10) -> 10 * .25 = 2.5
 
     cls: p(face) = 3/4 for samples 0 and 1: CE0 = -ln(3/4) = ln(4/3), CE1 = -ln(1/4) = ln 4,
          mean = ln(16/3) / 2 = 0.83698.
