@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # on every parameter, added to the gradient before momentum (Caffe)
     ohem_ratio: float = 0.7
     flip_probability: float = 0.5  # for positives and landmark samples
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1 - j, 1 + j] per sample
     log_interval: int = 100
     eval_interval: int = 2000
     checkpoint_interval: int = 2000
@@ -192,15 +193,35 @@ def gather(source: Any, indices: Sequence[int]) -> dict[str, np.ndarray]:
     }
 
 
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as PIL's convert("L")
+
+
+def jitter_colors(images_BxSxSx3: np.ndarray, factors_Bx3: np.ndarray) -> np.ndarray:
+    """Scale each image's brightness, then contrast (about its mean grey), then saturation (about its per-pixel
+    grey) by the sample's three factors; uint8 in and out (rounded, clipped). Factors of 1 change nothing."""
+    x = np.asarray(images_BxSxSx3, np.float32)
+    brightness, contrast, saturation = (np.asarray(factors_Bx3, np.float32)[:, k, None, None, None] for k in range(3))
+    x = np.clip(x * brightness, 0, 255)
+    mean_grey = (x @ GREY_WEIGHTS).mean(axis=(1, 2))[:, None, None, None]
+    x = np.clip(mean_grey + (x - mean_grey) * contrast, 0, 255)
+    grey = (x @ GREY_WEIGHTS)[..., None]
+    return np.clip(np.round(grey + (x - grey) * saturation), 0, 255).astype(np.uint8)
+
+
 def training_batch(arrays: dict[str, np.ndarray], train_idx: np.ndarray, config: TrainConfig,
                    step: int) -> dict[str, np.ndarray]:
-    """The (flip-augmented) batch of step `step` from `load_arrays`' output: a pure function of (data,
-    config.seed, step)."""
+    """The augmented batch of step `step` from `load_arrays`' output (flips; colour jitter when
+    `config.color_jitter` > 0): a pure function of (data, config.seed, step)."""
     idx = step_indices(train_idx, config.seed, step, config.batch_size)
     batch = {k: v[idx] for k, v in arrays.items()}
     coin_B = np.random.default_rng([config.seed, step, 1]).random(config.batch_size) < config.flip_probability
     flippable_B = (batch["label"] == losses.POSITIVE) | (batch["label"] == losses.LANDMARK)
-    return flip_batch(batch, coin_B & flippable_B)
+    batch = flip_batch(batch, coin_B & flippable_B)
+    if config.color_jitter > 0:
+        j = config.color_jitter
+        factors_Bx3 = np.random.default_rng([config.seed, step, 2]).uniform(1 - j, 1 + j, (config.batch_size, 3))
+        batch["image"] = jitter_colors(batch["image"], factors_Bx3)
+    return batch
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -337,6 +358,8 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
     if config.batch_size % devices:
         raise ValueError(f"batch size {config.batch_size} does not divide evenly over {devices} devices")
     make_optimizer(config)  # an unknown --optimizer fails here, before anything is written
+    if not 0 <= config.color_jitter < 1:
+        raise ValueError(f"--color-jitter {config.color_jitter}: expected 0 <= j < 1 (factors in [1 - j, 1 + j])")
     if config.input_size != nets.INPUT_SIZE[config.stage]:
         raise ValueError(f"{config.stage} takes {nets.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
     workdir = Path(workdir)

@@ -101,6 +101,32 @@ def test_flip_batch_only_touches_selected_samples(samples):
     np.testing.assert_array_equal(out["box"][0], batch["box"][0])
 
 
+def test_jitter_colors_against_hand_computed_values():
+    images = np.array([[[[100, 50, 20], [200, 100, 40]]]], np.uint8)  # one 1x2 image
+    np.testing.assert_array_equal(train.jitter_colors(images, np.ones((1, 3))), images)  # factors of 1: unchanged
+    # Brightness 1.2: (120, 60, 24), (240, 120, 48); greys 73.836 and 147.672, mean 110.754. Contrast 0.5
+    # halves each pixel's distance to 110.754, so the greys become 92.295 and 129.213; saturation 0 leaves
+    # the greys.
+    out = train.jitter_colors(images, np.array([[1.2, 0.5, 0.0]]))
+    np.testing.assert_array_equal(out, [[[[92, 92, 92], [129, 129, 129]]]])
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(train.jitter_colors(images, np.array([[2.0, 1, 1]])), [[[[200, 100, 40], [255, 200, 80]]]])
+
+
+def test_color_jitter_changes_only_images_and_is_reproducible(samples):
+    arrays, idx = train.load_arrays(samples, BASE), np.arange(len(samples))
+    jittered = dataclasses.replace(BASE, color_jitter=0.4)
+    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, jittered, jittered))
+    for key in plain:
+        np.testing.assert_array_equal(a[key], b[key])
+        if key != "image":
+            np.testing.assert_array_equal(a[key], plain[key])
+    changed = np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
+    assert changed.mean() > 0.9  # factors drawn per sample from [0.6, 1.4]: almost never all ~1
+    with pytest.raises(ValueError, match="--color-jitter 1.5"):
+        train.train(dataclasses.replace(BASE, color_jitter=1.5), samples, "unused")
+
+
 def test_training_batches_are_a_function_of_seed_and_step(samples):
     train_idx, val_idx = train.split_indices(len(samples), 0.1)
     assert len(val_idx) == 7 and not set(train_idx) & set(val_idx) and len(train_idx) + 7 == len(samples)
