@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -97,21 +97,41 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
     return _numpy(tree[stage])
 
 
-def assemble_cascade(out: str | Path, stages: dict[str, str | Path], *, force: bool = False) -> Path:
-    """A cascade checkpoint at `out` from trained stages ({stage: training WORKDIR or checkpoint}) and the
-    original released weights for the stages not given: what mining the next stage and `detect` read."""
+def average_params(trees: Sequence[Any]) -> Any:
+    """The leaf-wise mean of several param trees of one stage (a uniform "model soup", Wortsman et al. 2022).
+
+    Meaningful for runs fine-tuned from the same params (one loss basin), where the mean often generalises
+    better than any one of them; trees of different structure or shapes are refused."""
+    trees = list(trees)
+    if not trees:
+        raise ValueError("no params to average")
+    structure = jax.tree_util.tree_structure(trees[0])
+    for tree in trees[1:]:
+        if jax.tree_util.tree_structure(tree) != structure or any(
+            np.shape(a) != np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(trees[0]), jax.tree_util.tree_leaves(tree))
+        ):
+            raise ValueError("cannot average params of different structures or shapes")
+    return jax.tree_util.tree_map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
+
+
+def assemble_cascade(out: str | Path, stages: dict[str, Any], *, force: bool = False) -> Path:
+    """A cascade checkpoint at `out` from trained stages ({stage: training WORKDIR or checkpoint, or a list of
+    them, whose params are averaged}) and the original released weights for the stages not given: what mining
+    the next stage and `detect` read."""
     from mtcnn_jax.pretrained import load_pretrained
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {STAGES}")
     params = load_pretrained() if len(stages) < len(STAGES) else {}
-    params.update({s: load_params(path, s) for s, path in stages.items()})
+    for stage, paths in stages.items():
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        params[stage] = average_params([load_params(path, stage) for path in paths])
     return save_cascade(out, params, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN] [--rnet RUN] [--onet RUN] [--force]."""
+    """CLI: python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN ...] [--rnet RUN ...] [--onet RUN ...] [--force]."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -120,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                     "from training runs; stages not given keep the original released weights.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     for stage in STAGES:
-        p.add_argument(f"--{stage}", help=f"{stage} training WORKDIR (latest step) or checkpoint directory")
+        p.add_argument(f"--{stage}", nargs="+", metavar="RUN",
+                       help=f"{stage} training WORKDIR (latest step) or checkpoint directory; several: their mean")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     args = p.parse_args(argv)
     stages = {s: getattr(args, s) for s in STAGES if getattr(args, s)}
@@ -128,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         path = assemble_cascade(args.out, stages, force=args.force)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {path}: " + ", ".join(f"{s} from {stages.get(s, 'the original weights')}" for s in STAGES))
+    sources = {s: " + ".join(map(str, v)) + (" (mean)" if len(v) > 1 else "") for s, v in stages.items()}
+    print(f"wrote {path}: " + ", ".join(f"{s} from {sources.get(s, 'the original weights')}" for s in STAGES))
 
 
 if __name__ == "__main__":

@@ -395,6 +395,36 @@ def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, t
     assert again.returncode != 0 and "is a pnet training run, not rnet" in again.stderr
 
 
+def test_average_params_is_the_leafwise_mean():
+    a = {"conv": {"kernel": np.array([1.0, 2.0], np.float32)}, "prelu": np.float32(3.0)}
+    b = {"conv": {"kernel": np.array([3.0, 6.0], np.float32)}, "prelu": np.float32(5.0)}
+    mean = checkpoints.average_params([a, b])
+    np.testing.assert_array_equal(mean["conv"]["kernel"], [2.0, 4.0])
+    assert mean["prelu"] == 4.0 and mean["conv"]["kernel"].dtype == np.float32
+    with pytest.raises(ValueError, match="different structures or shapes"):
+        checkpoints.average_params([a, {**b, "conv": {"kernel": np.zeros(3, np.float32)}}])
+    with pytest.raises(ValueError, match="different structures or shapes"):
+        checkpoints.average_params([a, {"conv": b["conv"]}])
+
+
+def test_assemble_cascade_cli_averages_several_runs(uninterrupted, tmp_path):
+    from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
+
+    try:
+        original = load_pretrained()
+    except WeightsNotFoundError as e:
+        pytest.skip(f"original weights unavailable: {e}")
+    workdir, state = uninterrupted
+    checkpoints.save_cascade(tmp_path / "original", original)
+    out = tmp_path / "soup"
+    result = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--pnet", str(workdir),
+                             str(tmp_path / "original")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(mean)" in result.stdout
+    expected = jax.tree_util.tree_map(lambda x, y: (np.asarray(x) + np.asarray(y)) / 2, state.params, original["pnet"])
+    assert_trees_close(checkpoints.load_cascade(out)["pnet"], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_init_from_a_run_or_the_original_weights(uninterrupted, tmp_path):
     workdir, state = uninterrupted
     config = dataclasses.replace(BASE, init_from=str(workdir))
