@@ -374,13 +374,18 @@ def test_cli_flags_map_onto_config_fields():
         assert f"--stage {stage}" in c.__doc__ and c.stage == stage
 
 
-def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def original():
+    """The released weights, or a skip where they cannot be fetched."""
     from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
 
     try:
-        original = load_pretrained()
+        return load_pretrained()
     except WeightsNotFoundError as e:
         pytest.skip(f"original weights unavailable: {e}")
+
+
+def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, original, tmp_path):
     workdir, state = uninterrupted
     out = tmp_path / "after_pnet"
     result = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--pnet", str(workdir)],
@@ -407,13 +412,7 @@ def test_average_params_is_the_leafwise_mean():
         checkpoints.average_params([a, {"conv": b["conv"]}])
 
 
-def test_assemble_cascade_cli_averages_several_runs(uninterrupted, tmp_path):
-    from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
-
-    try:
-        original = load_pretrained()
-    except WeightsNotFoundError as e:
-        pytest.skip(f"original weights unavailable: {e}")
+def test_assemble_cascade_cli_averages_several_runs(uninterrupted, original, tmp_path):
     workdir, state = uninterrupted
     checkpoints.save_cascade(tmp_path / "original", original)
     out = tmp_path / "soup"
