@@ -105,12 +105,9 @@ def average_params(trees: Sequence[Any]) -> Any:
     trees = list(trees)
     if not trees:
         raise ValueError("no params to average")
-    structure = jax.tree_util.tree_structure(trees[0])
-    for tree in trees[1:]:
-        if jax.tree_util.tree_structure(tree) != structure or any(
-            np.shape(a) != np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(trees[0]), jax.tree_util.tree_leaves(tree))
-        ):
-            raise ValueError("cannot average params of different structures or shapes")
+    shapes = [jax.tree_util.tree_map(np.shape, tree) for tree in trees]  # as train.initial_params checks trees
+    if any(other != shapes[0] for other in shapes[1:]):
+        raise ValueError("cannot average params of different structures or shapes")
     return jax.tree_util.tree_map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
 
 
