@@ -78,6 +78,15 @@ def sides(crops_Nx4: np.ndarray) -> np.ndarray:
     return crops_Nx4[:, 2] - crops_Nx4[:, 0]
 
 
+def pixel_spans(boxes_Nx4: np.ndarray) -> np.ndarray:
+    """1-based inclusive boxes (x1..x2 is x2 - x1 + 1 pixels wide) as the pixel spans crops are cut from, x1 - 1
+    to x2 (end exclusive). The cascade's boxes are 1-based (detect_face.m) and WIDER's ground truth is compared
+    with them as it is (the official evaluation), so faces go through here too: targets from the raw numbers
+    teach the nets to put x1 and y1 one pixel right of and below the face."""
+    b = np.asarray(boxes_Nx4, np.float64).reshape(-1, 4)
+    return np.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], axis=1)
+
+
 def box_targets(crops_Nx4: np.ndarray, gt_Nx4: np.ndarray) -> np.ndarray:
     """Box regression targets: offsets normalised by the crop size, ((gt_x1 - crop_x1) / side, ...)."""
     return ((gt_Nx4 - crops_Nx4) / sides(crops_Nx4)[:, None]).astype(np.float32)
@@ -120,7 +129,8 @@ def select(table: dict[str, np.ndarray], mask_N: np.ndarray) -> dict[str, np.nda
 
 
 def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """Label crops by their best IoU with the faces (bx.iou_matrix); box targets from that face.
+    """Label crops (pixel spans) by their best IoU with the faces (1-based boxes, `pixel_spans`); box targets
+    from that face.
 
     With `cfg.square_faces` the IoU is taken with each face's square (bx.square), the box targets still
     with the face: a square crop's IoU with a face box is at most the box's aspect ratio, so without it a face
@@ -129,10 +139,11 @@ def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) ->
     crops_Nx4 = np.asarray(crops_Nx4, np.float64).reshape(-1, 4)
     if len(gt_Gx4) == 0:
         return specs(np.zeros(len(crops_Nx4)), crops_Nx4, np.zeros((len(crops_Nx4), 4)))
-    iou_NxG = bx.iou_matrix(crops_Nx4, bx.square(gt_Gx4) if cfg.square_faces else gt_Gx4)
+    faces_Gx4 = pixel_spans(gt_Gx4)
+    iou_NxG = bx.iou_matrix(crops_Nx4, bx.square(faces_Gx4) if cfg.square_faces else faces_Gx4)
     best_N = iou_NxG.argmax(axis=1)
     label_N = iou_labels(iou_NxG.max(axis=1), cfg)
-    box_Nx4 = np.where((label_N != LABEL["negative"])[:, None], box_targets(crops_Nx4, gt_Gx4[best_N]), 0)
+    box_Nx4 = np.where((label_N != LABEL["negative"])[:, None], box_targets(crops_Nx4, faces_Gx4[best_N]), 0)
     return select(specs(label_N, crops_Nx4, box_Nx4), label_N != UNUSED)
 
 
@@ -223,10 +234,8 @@ def pnet_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, rng: np.random.Generator
 
 
 def detection_crops(dets_Dx4: np.ndarray) -> np.ndarray:
-    """Crops of the cascade's candidates: its boxes are 1-based inclusive (x1..x2 is x2 - x1 + 1 pixels wide),
-    so the crop starts at x1 - 1 and ends (exclusive) at x2; rounded as the public pipeline does."""
-    d = np.round(np.asarray(dets_Dx4, np.float64).reshape(-1, 4))
-    return np.stack([d[:, 0] - 1, d[:, 1] - 1, d[:, 2], d[:, 3]], axis=1)
+    """Crops of the cascade's candidates (`pixel_spans` of its boxes), rounded as the public pipeline does."""
+    return pixel_spans(np.round(np.asarray(dets_Dx4, np.float64).reshape(-1, 4)))
 
 
 def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rng: np.random.Generator,

@@ -43,14 +43,36 @@ def test_labels_follow_iou_thresholds():
 
 
 def test_square_faces_label_by_iou_with_the_squared_face():
-    """A 10x20 face and the 20x20 square around it: IoU 0.5 (a part face), or 1 with its square (a positive);
-    the box targets stay those of the real face either way, (0.25, 0, -0.25, 0) of the crop's side."""
-    face, crop = np.array([[15.0, 10.0, 25.0, 30.0]]), np.array([[10.0, 10.0, 30.0, 30.0]])
+    """A 10x20 face (1-based 16..25 x 11..30: pixels 15-24 x 10-29) and the 20x20 crop of pixels 10-29 square
+    around it: IoU 0.5 (a part face), or 1 with its square (a positive); the box targets stay those of the
+    real face either way, (0.25, 0, -0.25, 0) of the crop's side."""
+    face, crop = np.array([[16.0, 11.0, 25.0, 30.0]]), np.array([[10.0, 10.0, 30.0, 30.0]])
     for square, label in ((False, -1), (True, 1)):
         table = samples.label_crops(crop, face, samples.SampleConfig(square_faces=square))
         assert table["label"].tolist() == [label]
         np.testing.assert_allclose(table["box"], [[0.25, 0.0, -0.25, 0.0]])
     assert samples.build_parser().parse_args(["onet", "--wider", "w", "--out", "o", "--square-faces"]).square_faces
+
+
+def test_targets_of_a_detection_crop_regress_back_to_the_face():
+    """The cascade decodes R-/O-Net targets with bx.regress(box, targets, plus_one=True) on its 1-based boxes, and
+    WIDER's ground truth is compared with its output as it is: so the targets of a detection's crop must give
+    back the face box exactly, and a detection equal to the face zero targets (not x1, y1 one pixel off)."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x1, y1 = rng.integers(1, 200, 2).astype(np.float64)
+        side = float(rng.integers(12, 100))
+        face_1x4 = np.array([[x1 + rng.integers(-3, 4), y1 + rng.integers(-3, 4), x1 + side - 1 + rng.integers(-3, 4),
+                              y1 + side - 1 + rng.integers(-3, 4)]])
+        det_1x4 = np.array([[x1, y1, x1 + side - 1, y1 + side - 1]])  # a square 1-based box, `side` pixels across
+        table = samples.label_crops(samples.detection_crops(det_1x4), face_1x4, samples.SampleConfig(square_faces=True))
+        if table["label"][0] == samples.LABEL["negative"]:
+            continue
+        np.testing.assert_allclose(bx.regress(det_1x4, table["box"], plus_one=True), face_1x4, atol=1e-4)
+    box = np.array([[31.0, 41.0, 70.0, 80.0]])
+    table = samples.label_crops(samples.detection_crops(box), box, samples.SampleConfig())
+    assert table["label"].tolist() == [samples.LABEL["positive"]]
+    np.testing.assert_allclose(table["box"], 0, atol=1e-7)
 
 
 def test_mix_subsamples_larger_types_to_the_ratio():
@@ -83,7 +105,7 @@ def test_pnet_labels_agree_with_recomputed_iou(pnet_set, shared_data):
         if r["label"] == samples.LABEL["landmark"]:
             assert ((r["landmarks"] >= 0) & (r["landmarks"] <= 1)).all()
             continue
-        iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
+        iou = bx.iou_matrix(r["crop"][None].astype(np.float64), samples.pixel_spans(gt[r["source"]])).max()
         assert samples.iou_labels(np.array([iou]), cfg)[0] == r["label"], (i, iou, r["label"])
     counts = {t: labels.count(samples.LABEL[t]) for t in samples.TYPES}
     assert counts == summary["kept"] and len(s) == summary["total"]
@@ -175,7 +197,7 @@ def test_rnet_hard_examples_label_by_iou(shared_data, tmp_path):
     for i in range(len(s)):
         r = s[i]
         if r["label"] != samples.LABEL["landmark"]:
-            iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
+            iou = bx.iou_matrix(r["crop"][None].astype(np.float64), samples.pixel_spans(gt[r["source"]])).max()
             assert samples.iou_labels(np.array([iou]), samples.SampleConfig())[0] == r["label"]
 
 
@@ -187,10 +209,11 @@ def test_hard_face_jitters_add_labelled_crops_around_each_face():
     cfg = samples.SampleConfig(stage="rnet", hard_face_jitters=30, flip_prob=0.0)
     table = samples.hard_specs((400, 400), gt, dets, np.random.default_rng(0), cfg)
     assert len(table["label"]) > 1 and set(table["label"]) >= {samples.LABEL["positive"], samples.LABEL["part"]}
-    iou = bx.iou_matrix(table["crop"].astype(np.float64), gt).max(axis=1)
+    spans = samples.pixel_spans(gt)
+    iou = bx.iou_matrix(table["crop"].astype(np.float64), spans).max(axis=1)
     np.testing.assert_array_equal(samples.iou_labels(iou, cfg), table["label"])
     assert (samples.sides(table["crop"]) >= 0.8 * 60 - 1).all()  # none around the 8-pixel face
-    best_gt = gt[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), gt), axis=1)]
+    best_gt = spans[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), spans), axis=1)]
     face = table["label"] != samples.LABEL["negative"]  # negatives carry zero box targets
     np.testing.assert_allclose(table["box"][face], samples.box_targets(table["crop"], best_gt)[face], atol=1e-6)
 
