@@ -235,7 +235,7 @@ def pnet_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, rng: np.random.Generator
 
 def detection_crops(dets_Dx4: np.ndarray) -> np.ndarray:
     """Crops of the cascade's candidates (`pixel_spans` of its boxes), rounded as the public pipeline does."""
-    return pixel_spans(np.round(np.asarray(dets_Dx4, np.float64).reshape(-1, 4)))
+    return pixel_spans(np.round(dets_Dx4))
 
 
 def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rng: np.random.Generator,

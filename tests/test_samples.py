@@ -89,14 +89,15 @@ def pnet_set(shared_data, tmp_path_factory):
     return out, summary, samples.load(out)
 
 
-def _ground_truth(shared_data: Path) -> dict[str, np.ndarray]:
+def _face_spans(shared_data: Path) -> dict[str, np.ndarray]:
+    """Each training image's faces as the pixel spans its crops are labelled against."""
     image_dir, entries = datasets.wider_split(shared_data / "wider_face", "train")
-    return {str((image_dir / e["path"]).resolve()): e["boxes"] for e in entries}
+    return {str((image_dir / e["path"]).resolve()): samples.pixel_spans(e["boxes"]) for e in entries}
 
 
 def test_pnet_labels_agree_with_recomputed_iou(pnet_set, shared_data):
     _, summary, s = pnet_set
-    gt = _ground_truth(shared_data)
+    gt = _face_spans(shared_data)
     cfg, labels = samples.SampleConfig(), []
     for i in range(len(s)):
         r = s[i]
@@ -105,7 +106,7 @@ def test_pnet_labels_agree_with_recomputed_iou(pnet_set, shared_data):
         if r["label"] == samples.LABEL["landmark"]:
             assert ((r["landmarks"] >= 0) & (r["landmarks"] <= 1)).all()
             continue
-        iou = bx.iou_matrix(r["crop"][None].astype(np.float64), samples.pixel_spans(gt[r["source"]])).max()
+        iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
         assert samples.iou_labels(np.array([iou]), cfg)[0] == r["label"], (i, iou, r["label"])
     counts = {t: labels.count(samples.LABEL[t]) for t in samples.TYPES}
     assert counts == summary["kept"] and len(s) == summary["total"]
@@ -192,12 +193,12 @@ def test_celeba_landmarks_feed_the_samples(shared_data, tmp_path):
 def test_rnet_hard_examples_label_by_iou(shared_data, tmp_path):
     summary = samples.make_samples(shared_data / "wider_face", shared_data / "lfw_net", tmp_path,
                                    samples.SampleConfig(stage="rnet"), max_images=5, max_landmarks=20, workers=1)
-    s, gt = samples.load(tmp_path), _ground_truth(shared_data)
+    s, gt = samples.load(tmp_path), _face_spans(shared_data)
     assert len(s) == summary["total"] > 0 and s[0]["image"].shape == (24, 24, 3)
     for i in range(len(s)):
         r = s[i]
         if r["label"] != samples.LABEL["landmark"]:
-            iou = bx.iou_matrix(r["crop"][None].astype(np.float64), samples.pixel_spans(gt[r["source"]])).max()
+            iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
             assert samples.iou_labels(np.array([iou]), samples.SampleConfig())[0] == r["label"]
 
 
