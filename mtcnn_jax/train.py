@@ -65,6 +65,8 @@ class TrainConfig:
     ohem_ratio: float = 0.7
     flip_probability: float = 0.5  # for positives and landmark samples
     color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1 - j, 1 + j] per sample
+    blur_probability: float = 0.0  # share of samples blurred (Gaussian, sigma uniform in (0, blur_sigma])
+    blur_sigma: float = 1.5  # in pixels of the net's input
     log_interval: int = 100
     eval_interval: int = 2000
     checkpoint_interval: int = 2000
@@ -208,10 +210,28 @@ def jitter_colors(images_BxSxSx3: np.ndarray, factors_Bx3: np.ndarray) -> np.nda
     return np.clip(np.round(grey + (x - grey) * saturation), 0, 255).astype(np.uint8)
 
 
+def blur_kernels(sigmas_B: np.ndarray, size: int) -> np.ndarray:
+    """(B, size, size) Gaussian kernels as matrices, each row renormalised inside the crop so borders keep
+    their brightness: K @ image @ K.T blurs an image by its sigma; a sigma of 0 gives the identity."""
+    offsets_SxS = np.arange(size)[:, None] - np.arange(size)[None, :]
+    sigmas = np.maximum(np.asarray(sigmas_B, np.float64), 1e-6)[:, None, None]
+    k_BxSxS = np.exp(-0.5 * (offsets_SxS / sigmas) ** 2)
+    return (k_BxSxS / k_BxSxS.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def blur_images(images_BxSxSx3: np.ndarray, sigmas_B: np.ndarray) -> np.ndarray:
+    """Each image blurred by its own Gaussian sigma (separable: rows, then columns); uint8 in and out.
+    Heavily blurred faces are the ones a net trained on few images misses most (WIDER's blur attribute)."""
+    k_Bx1xSxS = blur_kernels(sigmas_B, images_BxSxSx3.shape[1])[:, None]
+    x_Bx3xSxS = np.asarray(images_BxSxSx3, np.float32).transpose(0, 3, 1, 2)
+    x_Bx3xSxS = k_Bx1xSxS @ x_Bx3xSxS @ k_Bx1xSxS.transpose(0, 1, 3, 2)
+    return np.clip(np.round(x_Bx3xSxS), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def training_batch(arrays: dict[str, np.ndarray], train_idx: np.ndarray, config: TrainConfig,
                    step: int) -> dict[str, np.ndarray]:
-    """The augmented batch of step `step` from `load_arrays`' output (flips; colour jitter when
-    `config.color_jitter` > 0): a pure function of (data, config.seed, step)."""
+    """The augmented batch of step `step` from `load_arrays`' output (flips; colour jitter and blur when
+    asked for): a pure function of (data, config.seed, step)."""
     idx = step_indices(train_idx, config.seed, step, config.batch_size)
     batch = {k: v[idx] for k, v in arrays.items()}
     coin_B = np.random.default_rng([config.seed, step, 1]).random(config.batch_size) < config.flip_probability
@@ -221,6 +241,11 @@ def training_batch(arrays: dict[str, np.ndarray], train_idx: np.ndarray, config:
         j = config.color_jitter
         factors_Bx3 = np.random.default_rng([config.seed, step, 2]).uniform(1 - j, 1 + j, (config.batch_size, 3))
         batch["image"] = jitter_colors(batch["image"], factors_Bx3)
+    if config.blur_probability > 0:
+        rng = np.random.default_rng([config.seed, step, 3])
+        blurred_B = rng.random(config.batch_size) < config.blur_probability
+        sigmas_B = rng.uniform(0, config.blur_sigma, config.batch_size)
+        batch["image"][blurred_B] = blur_images(batch["image"][blurred_B], sigmas_B[blurred_B])
     return batch
 
 
@@ -360,6 +385,9 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
     make_optimizer(config)  # an unknown --optimizer fails here, before anything is written
     if not 0 <= config.color_jitter < 1:
         raise ValueError(f"--color-jitter {config.color_jitter}: expected 0 <= j < 1 (factors in [1 - j, 1 + j])")
+    if not (0 <= config.blur_probability <= 1 and config.blur_sigma > 0):
+        raise ValueError(f"--blur-probability {config.blur_probability} / --blur-sigma {config.blur_sigma}: "
+                         "expected a probability in [0, 1] and a sigma > 0")
     if config.input_size != nets.INPUT_SIZE[config.stage]:
         raise ValueError(f"{config.stage} takes {nets.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
     workdir = Path(workdir)

@@ -127,6 +127,37 @@ def test_color_jitter_changes_only_images_and_is_reproducible(samples):
         train.train(dataclasses.replace(BASE, color_jitter=1.5), samples, "unused")
 
 
+def test_blur_images_against_hand_computed_values():
+    images = np.zeros((3, 9, 9, 3), np.uint8)
+    images[:2, 4, 4] = 255  # an impulse in the middle
+    images[2] = 77  # flat grey
+    out = train.blur_images(images, np.array([0.0, 1.0, 1.4]))
+    np.testing.assert_array_equal(out[0], images[0])  # sigma 0: unchanged
+    # sigma 1: output row r weighs input row i by exp(-(r - i)^2 / 2), normalised over the crop's 9 rows
+    # (so rows near the border lean inwards); the impulse at (4, 4) becomes 255 * k[r, 4] * k[c, 4].
+    k = np.exp(-0.5 * (np.arange(9)[:, None] - np.arange(9)[None, :]) ** 2)
+    k /= k.sum(1, keepdims=True)
+    np.testing.assert_allclose(out[1][..., 0], 255 * np.outer(k[:, 4], k[:, 4]), atol=0.501)  # rounded to uint8
+    assert out[1][4, 4, 0] == 41 and out[1][3, 4, 0] == 25  # 255 * 0.3990^2, 255 * 0.3990 * 0.2420
+    np.testing.assert_array_equal(out[2], images[2])  # rows renormalised at the borders: flat stays flat
+
+
+def test_blur_changes_only_the_chosen_images_and_is_reproducible(samples):
+    arrays, idx = train.load_arrays(samples, BASE), np.arange(len(samples))
+    blurred = dataclasses.replace(BASE, blur_probability=0.5, blur_sigma=2.0)
+    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, blurred, blurred))
+    for key in plain:
+        np.testing.assert_array_equal(a[key], b[key])
+        if key != "image":
+            np.testing.assert_array_equal(a[key], plain[key])
+    changed = np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
+    chosen = np.random.default_rng([BASE.seed, 3, 3]).random(BASE.batch_size) < 0.5  # training_batch's draw
+    assert 0 < chosen.sum() < BASE.batch_size and not changed[~chosen].any()
+    assert changed[chosen].mean() > 0.8  # only a sigma near 0 can leave a crop as it was
+    with pytest.raises(ValueError, match="--blur-probability 1.5"):
+        train.train(dataclasses.replace(BASE, blur_probability=1.5), samples, "unused")
+
+
 def test_training_batches_are_a_function_of_seed_and_step(samples):
     train_idx, val_idx = train.split_indices(len(samples), 0.1)
     assert len(val_idx) == 7 and not set(train_idx) & set(val_idx) and len(train_idx) + 7 == len(samples)
