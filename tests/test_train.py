@@ -113,15 +113,21 @@ def test_jitter_colors_against_hand_computed_values():
     np.testing.assert_array_equal(train.jitter_colors(images, np.array([[2.0, 1, 1]])), [[[[200, 100, 40], [255, 200, 80]]]])
 
 
-def test_color_jitter_changes_only_images_and_is_reproducible(samples):
+def _images_changed(samples, **augmentation) -> np.ndarray:
+    """Which images of a batch an augmentation changes (B,), after checking that it is reproducible for one
+    (seed, step) and leaves every other field of the batch as it was."""
     arrays, idx = train.load_arrays(samples, BASE), np.arange(len(samples))
-    jittered = dataclasses.replace(BASE, color_jitter=0.4)
-    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, jittered, jittered))
+    augmented = dataclasses.replace(BASE, **augmentation)
+    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, augmented, augmented))
     for key in plain:
         np.testing.assert_array_equal(a[key], b[key])
         if key != "image":
             np.testing.assert_array_equal(a[key], plain[key])
-    changed = np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
+    return np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
+
+
+def test_color_jitter_changes_only_images_and_is_reproducible(samples):
+    changed = _images_changed(samples, color_jitter=0.4)
     assert changed.mean() > 0.9  # factors drawn per sample from [0.6, 1.4]: almost never all ~1
     with pytest.raises(ValueError, match="--color-jitter 1.5"):
         train.train(dataclasses.replace(BASE, color_jitter=1.5), samples, "unused")
@@ -143,14 +149,7 @@ def test_blur_images_against_hand_computed_values():
 
 
 def test_blur_changes_only_the_chosen_images_and_is_reproducible(samples):
-    arrays, idx = train.load_arrays(samples, BASE), np.arange(len(samples))
-    blurred = dataclasses.replace(BASE, blur_probability=0.5, blur_sigma=2.0)
-    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, blurred, blurred))
-    for key in plain:
-        np.testing.assert_array_equal(a[key], b[key])
-        if key != "image":
-            np.testing.assert_array_equal(a[key], plain[key])
-    changed = np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
+    changed = _images_changed(samples, blur_probability=0.5, blur_sigma=2.0)
     chosen = np.random.default_rng([BASE.seed, 3, 3]).random(BASE.batch_size) < 0.5  # training_batch's draw
     assert 0 < chosen.sum() < BASE.batch_size and not changed[~chosen].any()
     assert changed[chosen].mean() > 0.8  # only a sigma near 0 can leave a crop as it was
