@@ -235,7 +235,7 @@ def _warn_overflow(name: str, det: Detections) -> None:
         if dropped > 0:
             field_name = CAPACITY_FIELDS.get(stage, "the matching capacity")
             warnings.warn(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
-                          f"raise CascadeConfig.{field_name} to keep them", CapacityWarning, stacklevel=4)
+                          f"raise CascadeConfig.{field_name} (--{field_name.replace('_', '-')}) to keep them", CapacityWarning, stacklevel=4)
 
 
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-multiple", type=int, default=CascadeConfig().bucket_multiple, metavar="N",
                    help="pad image sizes up to multiples of N: one compile per padded size (larger N: fewer "
                         "compiles, more padding; detections do not change)")
+    for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
+        default = getattr(CascadeConfig(), field_name)
+        p.add_argument("--" + field_name.replace("_", "-"), type=int, default=default, metavar="N",
+                       help=f"CascadeConfig.{field_name} (default: {default or 'from the image size'})")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write {path: detections} here")
     p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write annotated copies here")
     return p
@@ -378,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = make_config(None, args.min_face_size, args.scale_factor, args.thresholds)
-    cfg = dataclasses.replace(cfg, bucket_multiple=args.bucket_multiple)
+    capacities = {f: getattr(args, f) for f in CAPACITY_FIELDS.values()}
+    cfg = dataclasses.replace(cfg, bucket_multiple=args.bucket_multiple, **capacities)
     files = expand_inputs(args.inputs)
     params = resolve_params(args.weights)
     results: dict[str, Detections] = {}

@@ -154,7 +154,7 @@ def test_overflow_warns_naming_image_and_stage(monkeypatch):
     monkeypatch.setattr(cascade, "detect_bucket", fake_bucket([], overflow_for=70), raising=False)
     with pytest.warns(CapacityWarning, match=r"images\[1\]: 7 candidates dropped at stage 'rnet'") as record:
         out = detect.detect_batch([rgb(40, 50), rgb(40, 70)], FAKE_PARAMS)
-    assert len(record) == 1 and "raise CascadeConfig.rnet_capacity" in str(record[0].message)
+    assert len(record) == 1 and "raise CascadeConfig.rnet_capacity (--rnet-capacity)" in str(record[0].message)
     assert out[1].overflow == {"pnet": 0, "rnet": 7} and out[0].overflow == {"pnet": 0, "rnet": 0}
 
 
@@ -297,7 +297,7 @@ def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
     assert "broken.jpg" in captured.err and "missing.png" in captured.err and "2 errors" in captured.out
 
 
-def test_cli_bucket_multiple_reaches_the_config(tmp_path, monkeypatch):
+def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypatch):
     Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
@@ -305,5 +305,12 @@ def test_cli_bucket_multiple_reaches_the_config(tmp_path, monkeypatch):
                         [detect._empty_detections({}) for _ in images])
     assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
     assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20
+    assert (seen[0].window_capacity, seen[0].pnet_capacity, seen[0].rnet_capacity) == (None, None, 512)
+    assert detect.main([str(tmp_path / "grey.png"), "--window-capacity", "40000", "--pnet-capacity", "8192",
+                        "--rnet-capacity", "1024", "--max-faces", "600"]) == 0
+    assert (seen[1].window_capacity, seen[1].pnet_capacity, seen[1].rnet_capacity, seen[1].max_faces) == (
+        40000, 8192, 1024, 600)
+    with pytest.raises(ValueError, match="rnet_capacity must be a multiple of net_chunk"):
+        detect.main([str(tmp_path / "grey.png"), "--rnet-capacity", "1000"])
     with pytest.raises(ValueError, match="bucket_multiple must be >= 1"):
         detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "0"])
