@@ -229,13 +229,20 @@ CAPACITY_FIELDS = {"window": "window_capacity", "pnet": "pnet_capacity",
                    "rnet": "rnet_capacity", "faces": "max_faces"}
 
 
+def capacity_flag(field_name: str) -> str:
+    """The command-line flag that sets a CascadeConfig capacity field (build_parser adds one per field)."""
+    return "--" + field_name.replace("_", "-")
+
+
 def _warn_overflow(name: str, det: Detections) -> None:
     """One CapacityWarning per stage that dropped candidates of this image, naming the field to raise."""
     for stage, dropped in det.overflow.items():
         if dropped > 0:
-            field_name = CAPACITY_FIELDS.get(stage, "the matching capacity")
+            field_name = CAPACITY_FIELDS.get(stage)
+            field = (f"CascadeConfig.{field_name} ({capacity_flag(field_name)})" if field_name
+                     else "the matching capacity")
             warnings.warn(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
-                          f"raise CascadeConfig.{field_name} (--{field_name.replace('_', '-')}) to keep them", CapacityWarning, stacklevel=4)
+                          f"raise {field} to keep them", CapacityWarning, stacklevel=4)
 
 
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
@@ -335,18 +342,19 @@ def _summary(det: Detections) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
     p = argparse.ArgumentParser(prog="python -m mtcnn_jax.detect", description=__doc__.split("\n")[0])
+    defaults = CascadeConfig()
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (recursive)")
     p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint dir (default: the original weights)")
     p.add_argument("--min-face-size", type=float, default=20.0)
     p.add_argument("--scale-factor", type=float, default=0.709)
     p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7), metavar=("T1", "T2", "T3"))
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bucket-multiple", type=int, default=CascadeConfig().bucket_multiple, metavar="N",
+    p.add_argument("--bucket-multiple", type=int, default=defaults.bucket_multiple, metavar="N",
                    help="pad image sizes up to multiples of N: one compile per padded size (larger N: fewer "
                         "compiles, more padding; detections do not change)")
     for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
-        default = getattr(CascadeConfig(), field_name)
-        p.add_argument("--" + field_name.replace("_", "-"), type=int, default=default, metavar="N",
+        default = getattr(defaults, field_name)
+        p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",
                        help=f"CascadeConfig.{field_name} (default: {default or 'from the image size'})")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write {path: detections} here")
     p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write annotated copies here")
