@@ -11,8 +11,9 @@ flips and the dropout keys of step s are a pure function of (seed, s), so a run 
 ends exactly where an uninterrupted one does.
 
 WORKDIR holds config.json (the run config), metrics.jsonl (one JSON object per logged step; "split":
-"train" or "val") and checkpoints/ (Orbax; params, optimizer state, step and rng; the latest is
-resumed automatically). `checkpoints.load_params(WORKDIR)` reads the trained params back.
+"train" or "val"; a resumed run drops the records of the steps it redoes) and checkpoints/ (Orbax;
+params, optimizer state, step and rng; the latest is resumed automatically). `checkpoints.load_params(WORKDIR)`
+reads the trained params back.
 """
 
 from __future__ import annotations
@@ -485,6 +486,16 @@ class _MetricLog:
         self.sums, self.count, self.start = {}, 0, time.perf_counter()
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after `step`: a run killed between checkpoints redoes those steps on resume."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def write_metrics(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON object (one line) to metrics.jsonl."""
     with open(path, "a") as f:
@@ -508,6 +519,7 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
     with checkpoint_manager(workdir, config) as manager:
         state = restore_or_init(manager, config)
         first = int(state.step)
+        trim_metrics(log.path, first)
         replicated = flax.jax_utils.replicate(state)
         bar = tqdm(range(first, last), initial=first, total=config.steps, desc=f"train {config.stage}",
                    disable=None, dynamic_ncols=True)

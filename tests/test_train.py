@@ -255,6 +255,19 @@ def test_killed_and_resumed_run_matches_uninterrupted(samples, uninterrupted, tm
     assert_trees_close(resumed.opt_state, uninterrupted[1].opt_state, rtol=1e-6, atol=1e-7)
 
 
+def test_resume_drops_metrics_of_redone_steps(samples, tmp_path, monkeypatch):
+    # Logged every 3 steps, saved every 6: killed in step 11, the run has logged step 9 but saved only step 6.
+    config = dataclasses.replace(BASE, checkpoint_interval=6)
+    interrupt_at(monkeypatch, 11)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, samples, tmp_path)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [3, 6, 9]
+    train.train(config, samples, tmp_path)
+    assert [(r["step"], r["split"]) for r in read_metrics(tmp_path)] == [
+        (3, "train"), (6, "train"), (6, "val"), (9, "train"), (12, "train"), (12, "val")]
+
+
 def test_until_step_then_resume(samples, uninterrupted, tmp_path):
     first = train.train(BASE, samples, tmp_path, until_step=6)
     assert int(first.step) == 6
