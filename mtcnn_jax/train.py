@@ -464,10 +464,11 @@ def restore_or_init(manager: ocp.CheckpointManager, config: TrainConfig) -> Trai
 
 
 class _MetricLog:
-    """Running means of the train metrics between log steps, written to metrics.jsonl and the progress bar."""
+    """Running means of the train metrics between log steps: metrics.jsonl, and the progress bar or a stderr line."""
 
-    def __init__(self, path: Path, batch_size: int) -> None:
-        self.path, self.batch_size = path, batch_size
+    def __init__(self, path: Path, config: TrainConfig) -> None:
+        self.path, self.batch_size = path, config.batch_size
+        self.title = f"train {config.stage} step {{}}/{config.steps}"
         self.sums: dict[str, float] = {}
         self.count, self.start = 0, time.perf_counter()
 
@@ -481,8 +482,13 @@ class _MetricLog:
         record = {"step": step, "split": "train", **{k: v / self.count for k, v in self.sums.items()}}
         record["samples_per_sec"] = self.count * self.batch_size / max(seconds, 1e-9)
         write_metrics(self.path, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", cls=f"{record['cls']:.4f}", box=f"{record['box']:.4f}",
-                        acc=f"{record['accuracy']:.3f}")
+        shown = dict(loss=f"{record['loss']:.4f}", cls=f"{record['cls']:.4f}", box=f"{record['box']:.4f}",
+                     acc=f"{record['accuracy']:.3f}")
+        bar.set_postfix(shown)
+        if bar.disable:  # not a terminal (a log file, a notebook's captured output): one line per logged step
+            line = " ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"{self.title.format(step)}: {line}, {record['samples_per_sec']:.0f} samples/s",
+                  file=sys.stderr, flush=True)
         self.sums, self.count, self.start = {}, 0, time.perf_counter()
 
 
@@ -515,7 +521,7 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
     write_config(workdir, config)
     train_idx, val_idx = split_indices(len(arrays["label"]), config.val_fraction)
     last = config.steps if until_step is None else min(until_step, config.steps)
-    step_fn, log = compiled_step(config), _MetricLog(workdir / "metrics.jsonl", config.batch_size)
+    step_fn, log = compiled_step(config), _MetricLog(workdir / "metrics.jsonl", config)
     with checkpoint_manager(workdir, config) as manager:
         state = restore_or_init(manager, config)
         first = int(state.step)

@@ -268,9 +268,12 @@ def test_resume_drops_metrics_of_redone_steps(samples, tmp_path, monkeypatch):
         (3, "train"), (6, "train"), (6, "val"), (9, "train"), (12, "train"), (12, "val")]
 
 
-def test_until_step_then_resume(samples, uninterrupted, tmp_path):
+def test_until_step_then_resume(samples, uninterrupted, tmp_path, capsys):
     first = train.train(BASE, samples, tmp_path, until_step=6)
     assert int(first.step) == 6
+    # Not a terminal here: the progress bar is off and each logged step is one line on stderr instead.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train pnet step")]
+    assert [line.split()[3].rstrip(":") for line in lines] == ["3/12", "6/12"], lines
     assert_trees_close(train.train(BASE, samples, tmp_path).params, uninterrupted[1].params, rtol=1e-6, atol=1e-7)
 
 
