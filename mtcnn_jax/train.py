@@ -468,7 +468,7 @@ class _MetricLog:
 
     def __init__(self, path: Path, config: TrainConfig) -> None:
         self.path, self.batch_size = path, config.batch_size
-        self.title = f"train {config.stage} step {{}}/{config.steps}"
+        self.desc, self.total = f"train {config.stage}", config.steps
         self.sums: dict[str, float] = {}
         self.count, self.start = 0, time.perf_counter()
 
@@ -487,7 +487,7 @@ class _MetricLog:
         bar.set_postfix(shown)
         if bar.disable:  # not a terminal (a log file, a notebook's captured output): one line per logged step
             line = " ".join(f"{k} {v}" for k, v in shown.items())
-            print(f"{self.title.format(step)}: {line}, {record['samples_per_sec']:.0f} samples/s",
+            print(f"{self.desc} step {step}/{self.total}: {line}, {record['samples_per_sec']:.0f} samples/s",
                   file=sys.stderr, flush=True)
         self.sums, self.count, self.start = {}, 0, time.perf_counter()
 
@@ -527,8 +527,8 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
         first = int(state.step)
         trim_metrics(log.path, first)
         replicated = flax.jax_utils.replicate(state)
-        bar = tqdm(range(first, last), initial=first, total=config.steps, desc=f"train {config.stage}",
-                   disable=None, dynamic_ncols=True)
+        bar = tqdm(range(first, last), initial=first, total=log.total, desc=log.desc, disable=None,
+                   dynamic_ncols=True)
         next_batch = lambda step: shard(training_batch(arrays, train_idx, config, step), devices)  # noqa: E731
         batch = next_batch(first) if first < last else None
         for step in bar:
