@@ -1,13 +1,15 @@
 """The cascade: the fixed-shape jitted path against the readable path, padding, compiles, overflow, peers."""
 
 import json
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import cascade
+from mtcnn_jax import cascade, checkpoints
 from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
 
 PHOTOS = ["angelina_jolie.jpg", "ivan.jpg", "kate_siegel.jpg", "multiface.jpg", "no-faces.jpg", "paul_rudd.jpg",
@@ -93,6 +95,32 @@ def test_matches_facenet_pytorch_on_photos(photo_results, shared_data):
             assert err <= 0.05 * size, f"{name}: landmark error {err:.1f} px > 5 % of {size:.0f}"
             checked += 1
     assert checked == 11  # 1 + 1 + 1 + 6 + 1 + 1 faces at score >= 0.9 on the seven photos
+
+
+def peer_faces(shared_data, min_score=0.9):
+    """facenet-pytorch's confident faces on the reference photos (same original weights): name -> boxes."""
+    peer = json.loads((shared_data / "reference" / "peer_detections.json").read_text())["facenet_pytorch"]
+    return {name: [box[:4] for box in det["boxes"] if box[4] >= min_score] for name, det in peer.items()}
+
+
+def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photos, shared_data, photo_results):
+    """checkpoints/wider_subset (README: "A cascade trained here") has the original's param trees, runs in the
+    bucket the original weights compiled (params are arguments: no recompile), and finds each of the 11 faces
+    the peer reports at score >= 0.9 at IoU >= 0.5 (WIDER's match), with no capacity overflow."""
+    trained = checkpoints.load_cascade(Path(__file__).resolve().parents[1] / "checkpoints" / "wider_subset")
+    shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
+    assert shapes(trained) == shapes(params)
+    compiled = cascade._cascade._cache_size()  # photo_results ran the original weights in the 2048 bucket
+    found = 0
+    for name, faces in peer_faces(shared_data).items():
+        ours = run_fixed(trained, [photos[name]], (2048, 2048))
+        assert all(int(o[0]) == 0 for o in ours["overflow"].values()), name
+        for box in faces:
+            iou = bx.iou_matrix(np.array([box]), ours["boxes"][0][ours["valid"][0]])[0]
+            assert iou.max(initial=0) >= 0.5, f"{name}: face {box} not found (best IoU {iou.max(initial=0):.2f})"
+            found += 1
+    assert found == 11
+    assert cascade._cascade._cache_size() == compiled
 
 
 def test_random_images_mixed_sizes_in_one_batch(params):
