@@ -75,32 +75,35 @@ def test_fixed_path_equals_readable_path_on_photos(photo_results):
     assert fixed["multiface.jpg"]["valid"].sum() >= 6
 
 
+def peer_faces(shared_data, min_score=0.9):
+    """facenet-pytorch's confident faces on the reference photos (same original weights):
+    name -> [(box_4, landmarks_5x2)]."""
+    peer = json.loads((shared_data / "reference" / "peer_detections.json").read_text())["facenet_pytorch"]
+    return {name: [(box[:4], np.array(points)) for box, points in zip(det["boxes"], det["landmarks"])
+                   if box[4] >= min_score] for name, det in peer.items()}
+
+
+def best_match(box_4, result):
+    """Best IoU of a box with image 0's valid detections in a fixed-path result, and that detection's row."""
+    iou = bx.iou_matrix(np.array([box_4]), result["boxes"][0][result["valid"][0]])[0]
+    return iou.max(initial=0), int(np.argmax(iou)) if iou.size else -1
+
+
 def test_matches_facenet_pytorch_on_photos(photo_results, shared_data):
     """Every face facenet-pytorch (same weights) reports with score >= 0.9 is found: IoU >= 0.7 and
     landmarks within 5 % of the box size."""
     fixed, _ = photo_results
-    peer = json.loads((shared_data / "reference" / "peer_detections.json").read_text())["facenet_pytorch"]
     checked = 0
-    for name, det in peer.items():
+    for name, faces in peer_faces(shared_data).items():
         ours = fixed[name]
-        v = ours["valid"][0]
-        for box, points in zip(det["boxes"], det["landmarks"]):
-            if box[4] < 0.9:
-                continue
-            iou = bx.iou_matrix(np.array([box[:4]]), ours["boxes"][0][v])[0]
-            assert iou.size and iou.max() >= 0.7, f"{name}: peer face {box} not found (best IoU {iou.max(initial=0):.2f})"
-            j = int(np.argmax(iou))
+        for box, points in faces:
+            iou, j = best_match(box, ours)
+            assert iou >= 0.7, f"{name}: peer face {box} not found (best IoU {iou:.2f})"
             size = max(box[2] - box[0], box[3] - box[1])
-            err = np.linalg.norm(ours["landmarks"][0][v][j] - np.array(points), axis=1).max()
+            err = np.linalg.norm(ours["landmarks"][0][ours["valid"][0]][j] - points, axis=1).max()
             assert err <= 0.05 * size, f"{name}: landmark error {err:.1f} px > 5 % of {size:.0f}"
             checked += 1
     assert checked == 11  # 1 + 1 + 1 + 6 + 1 + 1 faces at score >= 0.9 on the seven photos
-
-
-def peer_faces(shared_data, min_score=0.9):
-    """facenet-pytorch's confident faces on the reference photos (same original weights): name -> boxes."""
-    peer = json.loads((shared_data / "reference" / "peer_detections.json").read_text())["facenet_pytorch"]
-    return {name: [box[:4] for box in det["boxes"] if box[4] >= min_score] for name, det in peer.items()}
 
 
 def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photos, shared_data, photo_results):
@@ -115,9 +118,9 @@ def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photo
     for name, faces in peer_faces(shared_data).items():
         ours = run_fixed(trained, [photos[name]], (2048, 2048))
         assert all(int(o[0]) == 0 for o in ours["overflow"].values()), name
-        for box in faces:
-            iou = bx.iou_matrix(np.array([box]), ours["boxes"][0][ours["valid"][0]])[0]
-            assert iou.max(initial=0) >= 0.5, f"{name}: face {box} not found (best IoU {iou.max(initial=0):.2f})"
+        for box, _ in faces:
+            iou, _ = best_match(box, ours)
+            assert iou >= 0.5, f"{name}: face {box} not found (best IoU {iou:.2f})"
             found += 1
     assert found == 11
     assert cascade._cascade._cache_size() == compiled
