@@ -106,76 +106,79 @@ def _fixed_point(step, x0: Array, xp) -> Array:
     return jax.lax.while_loop(lambda carry: carry[1], body, (x0, xp.asarray(True)))[0]
 
 
+NMS_BLOCK = 256  # slots per block of `nms_fixed`: its largest intermediate is one block x block matrix
+
+
 def nms_fixed(
     boxes_Kx4: Array, scores_K: Array, valid_K: Array, threshold: float, mode: str = "union",
-    groups_K: Array | None = None, method: str = "auto",
+    groups_K: Array | None = None, block: int = NMS_BLOCK,
 ) -> Array:
     """Exact greedy NMS over K fixed slots (jittable): a keep mask equal to `nms` on the valid slots.
 
     In rank order, greedy keeps slot i iff it is valid and no kept earlier slot j overlaps it > t.
     With `groups_K`, only slots of the same group suppress each other: `nms` run on each group
-    separately (MATLAB's per-scale NMS over all pyramid levels in one call). Two exact algorithms:
-    "jacobi" (every slot at once, a K x K matrix per round: best on accelerators) and "sequential"
-    (one kept slot at a time over the valid ones only: n_valid x K work, best on a CPU); "auto" picks
-    by the default backend.
+    separately (MATLAB's per-scale NMS over all pyramid levels in one call). Computed a block of slots
+    at a time (`_greedy_blocked`), so memory is bounded by block x block on every backend and the
+    work follows the valid slots, not the capacity.
     """
     xp = xp_of(boxes_Kx4, scores_K, valid_K, threshold, groups_K)
     order_K = rank_order(scores_K, valid_K)
     b_Kx4 = xp.asarray(boxes_Kx4)[order_K]
     v_K = xp.asarray(valid_K, dtype=bool)[order_K]
-    g_K = None if groups_K is None else xp.asarray(groups_K)[order_K]
-    if method == "auto":
-        method = "jacobi" if xp is not np and _default_backend() != "cpu" else "sequential"
-    solve = {"jacobi": _greedy_jacobi, "sequential": _greedy_sequential}[method]
-    keep_sorted_K = solve(b_Kx4, v_K, g_K, threshold, mode, xp)
+    g_K = xp.zeros(v_K.shape, xp.int32) if groups_K is None else xp.asarray(groups_K)[order_K]
+    keep_sorted_K = _greedy_blocked(b_Kx4, v_K, g_K, threshold, mode, min(block, v_K.shape[0]), xp)
     return keep_sorted_K[xp.argsort(order_K)]
 
 
-def _default_backend() -> str:
-    import jax
-
-    return jax.default_backend()
-
-
-def _greedy_jacobi(b_Kx4, v_K, g_K, threshold, mode, xp):
-    """Greedy keep mask of rank-sorted slots by the Jacobi iteration keep <- valid & ~any(S & keep).
-
-    Greedy's rule fixes keep[i] from keep[:i], so it has exactly one fixed point (the greedy result);
-    each round gets one more rank right, so it reaches it in at most K rounds, usually far fewer.
-    """
+def _greedy_blocked(b_Kx4, v_K, g_K, threshold, mode, block, xp):
+    """Greedy keep mask of rank-sorted slots (valid first), block by block: block i's keeps, already
+    suppressed by the kept slots of the blocks before it, are settled by the Jacobi iteration
+    keep <- valid & ~any(S & keep) within the block (greedy fixes keep[i] from keep[:i], so this has
+    one fixed point, the greedy result, reached in at most `block` rounds, usually a few); then its kept
+    slots suppress each later block. Only blocks holding valid slots are visited."""
     k = v_K.shape[0]
-    before_KxK = xp.triu(xp.ones((k, k), dtype=bool), k=1)  # [j, i]: j ranks before i
-    s_KxK = before_KxK & v_K[:, None] & (iou_matrix(b_Kx4, b_Kx4, mode) > threshold)
-    if g_K is not None:
-        s_KxK = s_KxK & (g_K[:, None] == g_K[None, :])
+    pad = -k % block
+    n = (k + pad) // block
+    boxes_NxBx4 = xp.pad(b_Kx4, ((0, pad), (0, 0))).reshape(n, block, 4)
+    groups_NxB = xp.pad(g_K, (0, pad)).reshape(n, block)
+    before_BxB = xp.triu(xp.ones((block, block), dtype=bool), k=1)  # [j, i]: j ranks before i
+    n_used = (xp.sum(v_K) + block - 1) // block
 
-    def step(keep_K):
-        return v_K & ~xp.any(s_KxK & keep_K[:, None], axis=0)
+    def overlaps(i, j):  # [a, b]: slot a of block i suppresses slot b of block j if a is kept
+        s = iou_matrix(boxes_NxBx4[i], boxes_NxBx4[j], mode) > threshold
+        return s & (groups_NxB[i][:, None] == groups_NxB[j][None, :])
 
-    return _fixed_point(step, v_K, xp)
+    def settle(i, keep_NxB):
+        s_BxB = overlaps(i, i) & before_BxB
+        first = keep_NxB[i]
+        keep_i = _fixed_point(lambda x: first & ~xp.any(s_BxB & x[:, None], axis=0), first, xp)
+
+        def suppress(j, keep):
+            return _set_row(keep, j, keep[j] & ~xp.any(overlaps(i, j) & keep_i[:, None], axis=0), xp)
+
+        return _loop(i + 1, n_used, suppress, _set_row(keep_NxB, i, keep_i, xp), xp)
+
+    valid_NxB = xp.pad(v_K, (0, pad)).reshape(n, block)
+    return _loop(0, n_used, settle, valid_NxB, xp).reshape(-1)[:k]
 
 
-def _greedy_sequential(b_Kx4, v_K, g_K, threshold, mode, xp):
-    """Greedy keep mask of rank-sorted slots, one slot at a time: when slot i is reached its keep is
-    final, and if kept it suppresses the later slots it overlaps > t. Only the valid slots (first in
-    rank order) are visited, so the work follows the candidates, not the capacity."""
-    k = v_K.shape[0]
-    later = xp.arange(k)
-
-    def visit(i, keep_K):
-        row = iou_matrix(b_Kx4[i][None], b_Kx4, mode)[0] > threshold
-        if g_K is not None:
-            row = row & (g_K == g_K[i])
-        return keep_K & ~(row & (later > i) & keep_K[i])
-
+def _set_row(a, i, row, xp):
     if xp is np:
-        keep = v_K.copy()
-        for i in range(int(v_K.sum())):
-            keep = visit(i, keep)
-        return keep
+        a = a.copy()
+        a[i] = row
+        return a
+    return a.at[i].set(row)
+
+
+def _loop(lo, hi, body, x, xp):
+    """x <- body(i, x) for i in [lo, hi): a Python loop on numpy, lax.fori_loop under jax."""
+    if xp is np:
+        for i in range(int(lo), int(hi)):
+            x = body(i, x)
+        return x
     import jax
 
-    return jax.lax.fori_loop(0, xp.sum(v_K), visit, v_K)
+    return jax.lax.fori_loop(lo, hi, body, x)
 
 
 def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:

@@ -16,7 +16,8 @@ from mtcnn_jax import boxes as B
 K = 12  # fixed slot count of the jitted NMS: one compilation per mode for all examples
 SETTINGS = settings(deadline=None, max_examples=150, derandomize=True)
 
-nms_fixed_jit = jax.jit(B.nms_fixed, static_argnames=("mode", "method"))
+nms_fixed_jit = jax.jit(B.nms_fixed, static_argnames=("mode", "block"))
+BLOCKS = (B.NMS_BLOCK, 5, 1)  # one block (K < NMS_BLOCK), blocks that do not divide K, one slot per block
 compact_jit = jax.jit(B.compact, static_argnums=2)
 
 
@@ -113,10 +114,10 @@ def test_nms_fixed_jit_equals_greedy(data, t, mode):
     boxes, scores, valid = data
     want = reference_keep(boxes, scores, valid, t, mode)
     args = jnp.asarray(boxes, jnp.float32), jnp.asarray(scores), jnp.asarray(valid)
-    for method in ("jacobi", "sequential"):
-        got = nms_fixed_jit(*args, t, mode=mode, method=method)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
-        np.testing.assert_array_equal(B.nms_fixed(boxes, scores, valid, t, mode, method=method), want)
+    for block in BLOCKS:
+        got = nms_fixed_jit(*args, t, mode=mode, block=block)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"block {block}")
+        np.testing.assert_array_equal(B.nms_fixed(boxes, scores, valid, t, mode, block=block), want)
 
 
 @SETTINGS
@@ -129,10 +130,9 @@ def test_nms_fixed_groups_equal_nms_per_group(data, t, groups):
     for g in range(3):
         want |= reference_keep(boxes, scores, valid & (groups == g), t, "union")
     args = jnp.asarray(boxes, jnp.float32), jnp.asarray(scores), jnp.asarray(valid)
-    for method in ("jacobi", "sequential"):
-        got = jax.jit(B.nms_fixed, static_argnames=("mode", "method"))(*args, t, groups_K=jnp.asarray(groups),
-                                                                        method=method)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
+    for block in BLOCKS:
+        got = nms_fixed_jit(*args, t, groups_K=jnp.asarray(groups), block=block)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"block {block}")
 
 
 @SETTINGS
@@ -153,16 +153,16 @@ def test_nms_greedy_properties(data, t, mode):
 
 
 def test_nms_fixed_long_chain():
-    # Neighbours overlap .67, next-but-one .43: greedy keeps every other box, Jacobi needs ~K rounds.
+    # Neighbours overlap .67, next-but-one .43: greedy keeps every other box; the Jacobi iteration
+    # within a block needs about a round per slot, and each block settles the next.
     k = 40
     boxes = np.array([[2 * i, 0, 2 * i + 9, 9] for i in range(k)], float)
     scores = np.linspace(1, 0, k)
     want = reference_keep(boxes, scores, np.ones(k, bool), 0.6, "union")
     assert want.sum() == k // 2
-    for method in ("jacobi", "sequential"):
-        got = jax.jit(B.nms_fixed, static_argnames="method")(jnp.asarray(boxes), jnp.asarray(scores),
-                                                            jnp.ones(k, bool), 0.6, method=method)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
+    for block in (B.NMS_BLOCK, 16, 3):
+        got = nms_fixed_jit(jnp.asarray(boxes), jnp.asarray(scores), jnp.ones(k, bool), 0.6, block=block)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"block {block}")
 
 
 # ---- compact ------------------------------------------------------------------------------------
