@@ -66,8 +66,8 @@ def _conv_as_matmul(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Arra
     return jnp.concatenate(shifted, axis=-1) @ kernel_KxKxCxF.reshape(k * k * c, f)  # (i, j, c) order
 
 
-# How `conv_valid` evaluates a layer. The sums are the same; the speed on XLA:CPU is not, and it depends
-# on the layer's shape (measured on the 2-core benchmark machine, benchmarks/README.md):
+# How `conv_valid` evaluates a layer on CPU. The sums are the same; the speed on XLA:CPU is not, and it
+# depends on the layer's shape (measured on the 2-core benchmark machine, benchmarks/README.md):
 # - "conv": XLA's convolution, the default.
 # - "im2col": one matrix product over the 9 shifted copies: 3x faster for the 3-channel first layers
 #   of R-Net and O-Net on batches of crops (but 5x slower on a whole P-Net pyramid level).
@@ -81,22 +81,34 @@ def _lax_conv(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _conv16(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+    f = kernel_KxKxCxF.shape[-1]
+    return jnp.concatenate([_lax_conv(x_NxHxWxC, kernel_KxKxCxF[..., i : i + 16]) for i in range(0, f, 16)], -1)
+
+
+_CPU_FORMS = {"conv": _lax_conv, "im2col": _conv_as_matmul, "conv16": _conv16}
+
+
+def _on_cpu(form: str, x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+    """`form` when the computation is lowered for CPU, XLA's convolution on any other platform (the
+    forms are XLA:CPU-specific speedups; chosen at lowering, so one export serves every platform)."""
+    if form not in _CPU_FORMS:
+        raise ValueError(f"form must be one of {CONV_FORMS}, got {form!r}")
+    if form == "conv":
+        return _lax_conv(x_NxHxWxC, kernel_KxKxCxF)
+    return jax.lax.platform_dependent(x_NxHxWxC, kernel_KxKxCxF, cpu=_CPU_FORMS[form], default=_lax_conv)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def conv_valid(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, form: str = "conv") -> jax.Array:
     """A valid (unpadded) stride-1 convolution (NHWC input, HWIO kernel), without bias.
 
-    Evaluated as `form` says (`CONV_FORMS`); its derivatives (the tangent, and by transposition the
-    gradient) with the im2col matrix product: the same sums, but XLA:CPU's convolution gradients on the
-    small maps training sees are about 1.5x slower than the matrix products.
+    On CPU evaluated as `form` says (`CONV_FORMS`), and its derivatives (the tangent, and by
+    transposition the gradient) with the im2col matrix product: the same sums, but XLA:CPU's
+    convolution gradients on the small maps training sees are about 1.5x slower than the matrix
+    products. Other platforms get XLA's convolution throughout.
     """
-    if form == "im2col":
-        return _conv_as_matmul(x_NxHxWxC, kernel_KxKxCxF)
-    if form == "conv16":
-        f = kernel_KxKxCxF.shape[-1]
-        return jnp.concatenate([_lax_conv(x_NxHxWxC, kernel_KxKxCxF[..., i : i + 16]) for i in range(0, f, 16)], -1)
-    if form != "conv":
-        raise ValueError(f"form must be one of {CONV_FORMS}, got {form!r}")
-    return _lax_conv(x_NxHxWxC, kernel_KxKxCxF)
+    return _on_cpu(form, x_NxHxWxC, kernel_KxKxCxF)
 
 
 @functools.partial(conv_valid.defjvp, symbolic_zeros=True)
@@ -104,9 +116,9 @@ def _conv_valid_jvp(form, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     terms = []
     if not isinstance(dx, SymbolicZero):  # the first layer's input image carries no tangent
-        terms.append(_conv_as_matmul(dx, kernel))
+        terms.append(_on_cpu("im2col", dx, kernel))
     if not isinstance(dkernel, SymbolicZero):
-        terms.append(_conv_as_matmul(x, dkernel))
+        terms.append(_on_cpu("im2col", x, dkernel))
     out = conv_valid(x, kernel, form)
     return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
