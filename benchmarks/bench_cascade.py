@@ -68,7 +68,7 @@ def time_ours(paths: list[str], params: Any, config: CascadeConfig, runs: int) -
     per_image, compile_s = {}, {}
     for path in paths:
         img = detect.load_image(path)
-        bucket = bucket_shape(*img.shape[:2], config.bucket_multiple)
+        bucket = bucket_shape(*img.shape[:2], config)
         run = lambda: detect.detect_loaded([img], [path], params, config)[0]  # noqa: E731
         first, det = _timed(run)
         compile_s.setdefault(f"{bucket[0]}x{bucket[1]}", first)

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import nets
+from mtcnn_jax import compile_cache, nets
 
 Array = Any  # np.ndarray or jax.Array
 
@@ -51,7 +53,7 @@ class CascadeConfig:
     rnet_capacity: int = 512  # candidates cropped for O-Net
     max_faces: int = 512  # final detections per image (WIDER FACE crowds hold hundreds)
     net_chunk: int = 16  # R-Net/O-Net run over chunks of this many slots, only while chunks hold candidates
-    bucket_multiple: int = 64  # image sizes are padded up to a multiple of this
+    bucket_multiple: int = 0  # 0: bucket sides from the ladder (`bucket_side`); N: sides rounded up to N
 
     def __post_init__(self):
         for name in ("pnet_capacity", "rnet_capacity"):
@@ -59,8 +61,8 @@ class CascadeConfig:
                 raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}")
         if self.min_face_size <= 0 or not 0 < self.scale_factor < 1:
             raise ValueError("min_face_size must be > 0 and 0 < scale_factor < 1")
-        if self.bucket_multiple < 1:
-            raise ValueError(f"bucket_multiple must be >= 1, got {self.bucket_multiple}")
+        if self.bucket_multiple < 0:
+            raise ValueError(f"bucket_multiple must be >= 0 (0: the bucket ladder), got {self.bucket_multiple}")
 
 
 def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int]:
@@ -69,9 +71,26 @@ def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int
     return config.window_capacity or auto(128, 1024, 16384), config.pnet_capacity or auto(512, 512, 4096)
 
 
-def bucket_shape(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
-    """The padded (height, width) an image of size h x w is run at: each side rounded up to `multiple`."""
-    return (math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple)
+BUCKET_BASE = 128  # the smallest bucket side: P-Net's work on a smaller image is negligible
+
+
+def bucket_side(n: int, multiple: int = 0) -> int:
+    """The padded length of an image side of n pixels. multiple 0: the smallest side of the ladder
+    128, 192, 256, 384, 512, 768, 1024, ... (2^k and 1.5 * 2^k) that holds n: steps of 1.5 and 4/3
+    bound the padding and the number of shapes (11 sides up to 4096; 4:3 photos fit exactly).
+    multiple N > 0: n rounded up to a multiple of N (least padding, one shape per N pixels)."""
+    if multiple:
+        return max(math.ceil(n / multiple), 1) * multiple
+    side = BUCKET_BASE
+    while side < n:
+        side = side * 3 // 2 if side & (side - 1) == 0 else side * 4 // 3
+    return side
+
+
+def bucket_shape(h: int, w: int, config: CascadeConfig | None = None) -> tuple[int, int]:
+    """The padded (height, width) an image of size h x w is run at (`bucket_side` of each side)."""
+    multiple = (config or CascadeConfig()).bucket_multiple
+    return bucket_side(h, multiple), bucket_side(w, multiple)
 
 
 # ----------------------------------------------------------------------------- pyramid plan (host)
@@ -556,16 +575,11 @@ def _cell_mask(prob_BxM, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2
     return (cell_level_M >= 0)[None] & level_on_BxL[:, lvl] & inside & (prob_BxM >= t1)
 
 
-# XLA:CPU's newer fusion emitters compile this graph about 1.5x slower (3.2 s vs 1.8 s of XLA compile for
-# a 1664x1152 bucket on the 2-core benchmark machine) for no measurable run-time gain; other backends
-# ignore the option.
-_JIT_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-
-
-@functools.partial(jax.jit, static_argnames=("config", "upto"), compiler_options=_JIT_OPTIONS)
-def _cascade(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, taps_B, windows_Mx4, cell_level_M,
-             cell_rc_Mx2, config: CascadeConfig, upto: str = "onet"):
-    """The whole cascade for one bucket, fixed shapes throughout (stopping after `upto`)."""
+def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, taps_B, windows_Mx4, cell_level_M,
+               cell_rc_Mx2, config: CascadeConfig, upto: str = "onet"):
+    """The whole cascade for one bucket, fixed shapes throughout (stopping after `upto`); traced and
+    compiled once per bucket by `compiled_cascade`. The last three arguments are the bucket's
+    `PyramidPlan.cells`, the three before them `image_plan`'s."""
     bsz, hb, wb, _ = images_BxHxWx3.shape
     plan = PyramidPlan.of(hb, wb, config)
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
@@ -621,6 +635,68 @@ def pad_to_bucket(images: list[np.ndarray], bucket_hw: tuple[int, int]) -> tuple
     return batch, np.array([image.shape[:2] for image in images], np.int32).reshape(-1, 2)
 
 
+def _compiler_options() -> dict[str, Any]:
+    """XLA:CPU's newer fusion emitters compile this graph about 1.5x slower for no run-time gain
+    (benchmarks/README.md); other backends get their defaults."""
+    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
+
+
+def bucket_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
+    """The shapes and dtypes (`jax.ShapeDtypeStruct`s) of `cascade_fn`'s arguments for one bucket."""
+    plan = PyramidPlan.of(*bucket_hw, config)
+    level_hw, level_on, taps = image_plan(np.tile(np.array(bucket_hw, np.int32), (batch, 1)), bucket_hw, config)
+    images, sizes = np.zeros((batch, *bucket_hw, 3), np.uint8), np.zeros((batch, 2), np.int32)
+    args = (params, images, sizes, level_hw, level_on, taps, *plan.cells)
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+
+
+def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
+                   upto: str = "onet", platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """The cascade of one bucket and batch size as a `jax.export.Exported` (StableHLO with a stable
+    calling convention; params are arguments, so any weights of these shapes run in it), lowered for
+    `platforms` (default: this machine's backend)."""
+    fn = jax.jit(functools.partial(cascade_fn, config=config, upto=upto))
+    return jax.export.export(fn, platforms=platforms)(*bucket_arguments(params, bucket_hw, batch, config))
+
+
+_compiled: dict[tuple, Future] = {}
+_compiled_lock = threading.Lock()
+
+
+def _params_signature(params: dict) -> tuple:
+    return tuple((jax.tree_util.keystr(path), tuple(a.shape), str(a.dtype))
+                 for path, a in jax.tree_util.tree_leaves_with_path(params))
+
+
+def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
+                     upto: str = "onet") -> Callable:
+    """The compiled cascade of one (bucket, batch size, config, upto), called as `cascade_fn` without its
+    config and upto. Compiled once per process (threads asking for one bucket wait for one compile;
+    different buckets compile concurrently) and, through `compile_cache`, once per machine: a later
+    process loads the export and XLA's executable from the user's cache folder."""
+    key = (tuple(bucket_hw), batch, config, upto, _params_signature(params))
+    with _compiled_lock:
+        future, owner = _compiled.get(key), False
+        if future is None:
+            future, owner = _compiled.setdefault(key, Future()), True
+    if owner:
+        try:
+            future.set_result(_compile(params, tuple(bucket_hw), batch, config, upto))
+        except BaseException as err:
+            with _compiled_lock:
+                del _compiled[key]
+            future.set_exception(err)
+    return future.result()
+
+
+def _compile(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> Callable:
+    """Export (or load the stored export of) one bucket's cascade and compile it ahead of time."""
+    arguments = bucket_arguments(params, bucket_hw, batch, config)
+    key = f"cascade|{bucket_hw}|{batch}|{config!r}|{upto}|{_params_signature(params)}"
+    exp, _ = compile_cache.exported(key, lambda: export_cascade(params, bucket_hw, batch, config, upto))
+    return jax.jit(exp.call, compiler_options=_compiler_options()).lower(*arguments).compile()
+
+
 def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray,
                   config: CascadeConfig = CascadeConfig(), upto: str = "onet") -> dict:
     """Detect faces in a batch of images zero-padded (bottom/right) into one bucket.
@@ -628,7 +704,8 @@ def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarra
     Returns numpy "boxes" (B, F, 4), "scores" (B, F), "landmarks" (B, F, 5, 2), "valid" (B, F) (valid
     rows first, by score) and "overflow": {stage: (B,) candidates dropped by a full capacity}.
     `upto="pnet"` or `"rnet"` stops after that stage (the candidates hard-example mining needs; no
-    landmarks). Compiles once per (bucket height, bucket width, batch size, config, upto).
+    landmarks). Compiles once per (bucket height, bucket width, batch size, config, upto): see
+    `compiled_cascade`.
     """
     images = np.asarray(images_BxHxWx3)
     sizes = np.asarray(sizes_Bx2, np.int32).reshape(-1, 2)
@@ -643,5 +720,6 @@ def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarra
     if not plan.scales:
         raise ValueError(f"bucket {hb}x{wb} is too small for min_face_size={config.min_face_size}")
     level_hw, level_on, taps = image_plan(sizes, (hb, wb), config)
-    out = _cascade(params, images, sizes, level_hw, level_on, taps, *plan.cells, config=config, upto=upto)
+    run = compiled_cascade(params, (hb, wb), len(images), config, upto)
+    out = run(params, images, sizes, level_hw, level_on, taps, *plan.cells)
     return jax.tree_util.tree_map(np.asarray, out)

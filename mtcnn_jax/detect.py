@@ -22,8 +22,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mtcnn_jax import cascade, checkpoints
-from mtcnn_jax.cascade import CascadeConfig, bucket_shape
+from mtcnn_jax import buckets, cascade, checkpoints, compile_cache
+from mtcnn_jax.cascade import CascadeConfig
 
 MIN_SIDE = 12  # P-Net's window: nothing smaller can hold a face
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -215,11 +215,10 @@ def _slice(out: dict[str, Any], b: int) -> Detections:
                       np.asarray(out["landmarks"][b], np.float32)[keep].reshape(-1, 5, 2), overflow)
 
 
-def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int], batch: int,
+def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
                config: CascadeConfig) -> list[Detections]:
-    """One detect_bucket call on `images` zero-padded into the bucket; padding slots repeat the last image
-    (a valid input) and their results are discarded."""
-    images_BxHxWx3, sizes_Bx2 = cascade.pad_to_bucket(images + [images[-1]] * (batch - len(images)), bucket)
+    """One detect_bucket call on `images` zero-padded into the bucket."""
+    images_BxHxWx3, sizes_Bx2 = cascade.pad_to_bucket(images, bucket)
     out = cascade.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
     return [_slice(out, b) for b in range(len(images))]
 
@@ -246,25 +245,16 @@ def _warn_overflow(name: str, det: Detections) -> None:
 
 
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
-                  config: CascadeConfig, batch_size: int = 8) -> list[Detections | ImageError]:
-    """Detection on already loaded images (errors pass through in their slots): grouped by bucket and run
-    at batch size 1 (a lone image) or `batch_size`, so each bucket compiles at most two shapes."""
-    results: list[Detections | ImageError] = list(images)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        if isinstance(img, ImageError):
-            continue
-        if not cascade.pyramid_scales(*img.shape[:2], config.min_face_size, config.scale_factor):
-            results[i] = _empty_detections({})  # smaller than min_face_size: no pyramid level, no face
-        else:
-            groups.setdefault(bucket_shape(*img.shape[:2], config.bucket_multiple), []).append(i)
-    for bucket, indices in groups.items():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            batch = 1 if len(chunk) == 1 else batch_size
-            for i, det in zip(chunk, _run_batch(params, [images[i] for i in chunk], bucket, batch, config)):
-                _warn_overflow(names[i], det)
-                results[i] = det
+                  config: CascadeConfig, batch_size: int | None = None) -> list[Detections | ImageError]:
+    """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
+    the batches of `buckets.plan`."""
+    results: list[Detections | ImageError] = [
+        img if isinstance(img, ImageError) else _empty_detections({}) for img in images]  # no level: no face
+    sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
+    for bucket, chunk in buckets.plan(sizes, config, batch_size or buckets.default_batch_size()):
+        for i, det in zip(chunk, _run_batch(params, [images[i] for i in chunk], bucket, config)):
+            _warn_overflow(names[i], det)
+            results[i] = det
     return results
 
 
@@ -278,12 +268,14 @@ def _try_load(source: ImageSource, name: str) -> np.ndarray | ImageError:
 
 def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = 20,
                  scale_factor: float = 0.709, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
-                 config: CascadeConfig | None = None, batch_size: int = 8) -> list[Detections | ImageError]:
+                 config: CascadeConfig | None = None,
+                 batch_size: int | None = None) -> list[Detections | ImageError]:
     """Faces in many images of any sizes; a bad image yields its ImageError in its slot, the rest still run.
 
-    Warns (CapacityWarning) naming the image and stage when a fixed capacity dropped candidates.
+    Images of one bucket run `batch_size` at a time (default `buckets.default_batch_size()`). Warns
+    (CapacityWarning) naming the image and stage when a fixed capacity dropped candidates.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
     sources = list(images)
@@ -348,10 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face-size", type=float, default=20.0)
     p.add_argument("--scale-factor", type=float, default=0.709)
     p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7), metavar=("T1", "T2", "T3"))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one bucket run together (default: 1 on CPU, where larger batches run "
+                        "slower per image, 8 on accelerators)")
     p.add_argument("--bucket-multiple", type=int, default=defaults.bucket_multiple, metavar="N",
-                   help="pad image sizes up to multiples of N: one compile per padded size (larger N: fewer "
-                        "compiles, more padding; detections do not change)")
+                   help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
+                        "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
+                        "padded size); detections do not change")
+    p.add_argument("--compile-cache", default="default", metavar="DIR|off",
+                   help=f"where compiled buckets are kept for later runs (default: ${compile_cache.ENV}, else "
+                        f"{compile_cache.default_folder()}); off: keep nothing")
     for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
         default = getattr(defaults, field_name)
         p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",
@@ -384,25 +382,48 @@ def _process_chunk(files: list[tuple[str, str]], params: Any, cfg: CascadeConfig
     return found
 
 
+def _work_order(files: list[tuple[str, str]], cfg: CascadeConfig,
+                batch_size: int) -> tuple[list[tuple[tuple[int, int], list[int]]], list[list[int]]]:
+    """The batches planned from the files' headers (`buckets.plan`), and every file's index in chunks of
+    work: the planned batches in order, then the files no bucket was planned for (unreadable headers,
+    images too small for a face) in chunks of `batch_size`."""
+    batches = buckets.plan([buckets.header_hw(given) for given, _ in files], cfg, batch_size)
+    planned = {i for _, chunk in batches for i in chunk}
+    rest = [i for i in range(len(files)) if i not in planned]
+    return batches, [chunk for _, chunk in batches] + [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1."""
+    """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1.
+    The buckets the files need are planned from their headers and compiled on a background thread while
+    the buckets already compiled run."""
     from tqdm import tqdm
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cfg = make_config(None, args.min_face_size, args.scale_factor, args.thresholds)
     capacities = {f: getattr(args, f) for f in CAPACITY_FIELDS.values()}
     cfg = dataclasses.replace(cfg, bucket_multiple=args.bucket_multiple, **capacities)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        compile_cache.configure(args.compile_cache)
+    except ValueError as err:
+        parser.error(str(err))
     files = expand_inputs(args.inputs)
     params = resolve_params(args.weights)
+    args.batch_size = args.batch_size or buckets.default_batch_size()
+    batches, order = _work_order(files, cfg, args.batch_size)
     results: dict[str, Detections] = {}
-    chunk = max(args.batch_size, 1) * 4
-    with tqdm(total=len(files), unit="img", disable=len(files) < 10, file=sys.stderr) as bar:
+    with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
+            buckets.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
+                                 on_change=lambda n: bar.set_postfix_str(f"{n} buckets compiling")):
         def report(line: str, err: bool = True) -> None:
             bar.write(line, file=sys.stderr if err else sys.stdout)
 
-        for start in range(0, len(files), chunk):
-            results.update(_process_chunk(files[start : start + chunk], params, cfg, args, report))
-            bar.update(len(files[start : start + chunk]))
+        for chunk in order:
+            results.update(_process_chunk([files[i] for i in chunk], params, cfg, args, report))
+            bar.update(len(chunk))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({k: d.to_json() for k, d in results.items()}))

@@ -342,7 +342,7 @@ def run_jobs(jobs: list[dict], cfg: SampleConfig, work_dir: Path, workers: int) 
 # ----------------------------------------------------------------------------------------- hard examples
 
 # The public pipeline mines with low thresholds (P-Net 0.3, R-Net 0.1) so that many hard negatives pass.
-MINING_CONFIG = dict(thresholds=(0.3, 0.1, 0.7), bucket_multiple=256, window_capacity=4096, pnet_capacity=1024,
+MINING_CONFIG = dict(thresholds=(0.3, 0.1, 0.7), window_capacity=4096, pnet_capacity=1024,
                      rnet_capacity=256)
 
 
@@ -353,21 +353,10 @@ def candidates(params: dict, image_HxWx3: np.ndarray, config: Any, upto: str) ->
     h, w = image_HxWx3.shape[:2]
     if not cascade.pyramid_scales(h, w, config.min_face_size, config.scale_factor):
         return np.zeros((0, 4)), {}
-    batch, sizes = cascade.pad_to_bucket([image_HxWx3], cascade.bucket_shape(h, w, config.bucket_multiple))
+    batch, sizes = cascade.pad_to_bucket([image_HxWx3], cascade.bucket_shape(h, w, config))
     out = cascade.detect_bucket(params, batch, sizes, config, upto=upto)
     dets_Dx4 = np.asarray(out["boxes"][0])[np.asarray(out["valid"][0], bool)]
     return dets_Dx4, {name: int(np.asarray(c)[0]) for name, c in out["overflow"].items()}
-
-
-def _header_hw(path: str) -> tuple[int, int]:
-    """An image's stored height and width from its header (0, 0 when unreadable: run_job reports it)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.size[::-1]
-    except Exception:  # any failure to open: reported later by run_job
-        return 0, 0
 
 
 def add_detections(jobs: list[dict], params: dict, stage: str, config: Any = None) -> dict[str, int]:
@@ -376,13 +365,13 @@ def add_detections(jobs: list[dict], params: dict, stage: str, config: Any = Non
     bucket compiles once; returns the candidates dropped by full capacities, per stage."""
     from tqdm import tqdm
 
-    from mtcnn_jax import cascade
+    from mtcnn_jax import buckets, cascade
     from mtcnn_jax.detect import ImageError, load_image
 
     config = config or cascade.CascadeConfig(**MINING_CONFIG)
     upto = {"rnet": "pnet", "onet": "rnet"}[stage]
     overflow: dict[str, int] = {}
-    order = sorted(jobs, key=lambda j: cascade.bucket_shape(*_header_hw(j["path"]), config.bucket_multiple))
+    order = sorted(jobs, key=lambda j: cascade.bucket_shape(*(buckets.header_hw(j["path"]) or (0, 0)), config))
     for job in tqdm(order, desc=f"{upto} detections", unit="image", file=sys.stderr):
         job["dets"] = np.zeros((0, 4))
         try:
@@ -596,11 +585,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
     p.add_argument("--square-faces", action="store_true",
                    help="label crops by IoU with each face's square box (narrow faces can be positives)")
+    p.add_argument("--compile-cache", default="default", metavar="DIR|off",
+                   help="where compiled cascade buckets are kept between runs (default: $MTCNN_JAX_COMPILE_CACHE, "
+                        "else compiled/ in the user cache folder); off: keep nothing")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade
+        from mtcnn_jax import compile_cache
+
+        try:
+            compile_cache.configure(args.compile_cache)
+        except ValueError as err:
+            parser.error(str(err))
     cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
                        hard_face_jitters=args.face_jitters, min_face=args.min_face, square_faces=args.square_faces)
     try:

@@ -15,3 +15,26 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set MTCNN_JAX_DATA)")
     return path
+
+
+class CompileCounter:
+    """Counts XLA compile requests (JAX's own monitoring events; a persistent-cache hit counts too, so a
+    count of 0 means nothing was even looked up)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
+@pytest.fixture(scope="session")
+def compiles() -> CompileCounter:
+    """The session's compile counter: compare `compiles.count` before and after."""
+    return CompileCounter()

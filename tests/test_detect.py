@@ -97,7 +97,7 @@ def fake_bucket(calls, overflow_for=None):
     def run(params, images_BxHxWx3, sizes_Bx2, config):
         B, Hb, Wb, _ = images_BxHxWx3.shape
         calls.append((B, Hb, Wb))
-        assert Hb % config.bucket_multiple == 0 and Wb % config.bucket_multiple == 0
+        assert (Hb, Wb) == cascade.bucket_shape(Hb, Wb, config)  # a bucket of the ladder
         assert (sizes_Bx2 >= 12).all() and (sizes_Bx2[:, 0] <= Hb).all() and (sizes_Bx2[:, 1] <= Wb).all()
         F = 3
         boxes = np.zeros((B, F, 4), np.float32)
@@ -130,8 +130,8 @@ def test_detect_batch_keeps_going_past_a_bad_image(monkeypatch):
         np.testing.assert_allclose(r.boxes, [[0, 0, w / 2, h / 2]])
         np.testing.assert_allclose(r.scores, [w / 1000])
         assert r.landmarks.shape == (1, 5, 2) and r.overflow == {"pnet": 0, "rnet": 0}
-    # (40, 50) and (45, 60) share the 64x64 bucket and run as one padded batch of 4; (100, 70) runs alone
-    assert sorted(calls) == [(1, 128, 128), (4, 64, 64)]
+    # the three share the 128x128 bucket: a batch of 2, then 1 (no padded slots)
+    assert calls == [(2, 128, 128), (1, 128, 128)]
 
 
 def test_batches_use_fixed_sizes(monkeypatch):
@@ -139,7 +139,7 @@ def test_batches_use_fixed_sizes(monkeypatch):
     monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
     out = detect.detect_batch([rgb(30 + i, 40) for i in range(11)], FAKE_PARAMS, batch_size=4)
     assert len(out) == 11 and all(isinstance(r, Detections) for r in out)
-    assert calls == [(4, 64, 64)] * 3  # 4 + 4 + 3 (padded to 4)
+    assert calls == [(4, 128, 128)] * 2 + [(2, 128, 128), (1, 128, 128)]  # 11 = 4 + 4 + 2 + 1
     assert [float(r.boxes[0, 3]) for r in out] == [(30 + i) / 2 for i in range(11)]
 
 
@@ -312,5 +312,5 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
         40000, 8192, 1024, 600)
     with pytest.raises(ValueError, match="rnet_capacity must be a multiple of net_chunk"):
         detect.main([str(tmp_path / "grey.png"), "--rnet-capacity", "1000"])
-    with pytest.raises(ValueError, match="bucket_multiple must be >= 1"):
-        detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "0"])
+    with pytest.raises(ValueError, match="bucket_multiple must be >= 0"):
+        detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "-1"])

@@ -1,0 +1,154 @@
+"""Compile once per machine: where compiled cascades are kept between processes.
+
+Two stores in one folder (default: `compiled/` in the user cache folder beside the weights,
+`pretrained.cache_dir()`), both keyed so that a change of code, JAX or machine never reuses an entry:
+- JAX's persistent compilation cache (`xla/`): XLA executables, for every jit of the process.
+- `exports/`: each bucket's cascade as a serialized `jax.export.Exported`, so that a later process
+  neither traces nor lowers it again (tracing alone is about a second per bucket).
+
+`$MTCNN_JAX_COMPILE_CACHE` (a folder, or `off`) and the CLIs' `--compile-cache` move or disable it.
+A folder the user already gave JAX (`jax_compilation_cache_dir`) is respected.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from mtcnn_jax.pretrained import cache_dir
+
+ENV = "MTCNN_JAX_COMPILE_CACHE"
+OFF = ("off", "none", "0", "false", "no")
+XLA_MAX_BYTES = 2 * 2**30  # JAX evicts its least recently used executables beyond this
+STALE_DAYS = 30  # exports of other code versions unused this long are deleted
+_PACKAGE = Path(__file__).resolve().parent
+
+_state: dict[str, Path | None] = {}  # "folder": the configured folder (None: disabled), once configured
+_lock = threading.Lock()
+
+
+def default_folder() -> Path | None:
+    """$MTCNN_JAX_COMPILE_CACHE (None when it says off), else `compiled/` in the user cache folder."""
+    value = os.environ.get(ENV)
+    if value is None or value.strip() == "":
+        return cache_dir() / "compiled"
+    return None if value.strip().lower() in OFF else Path(value).expanduser()
+
+
+def configure(folder: str | os.PathLike | None = "default") -> Path | None:
+    """Use `folder` for compiled cascades and JAX's persistent cache ("default": `default_folder()`,
+    None or "off": keep nothing on disk). Returns the folder in use. Call before the first compile,
+    or it applies from the next compile on."""
+    if folder == "default":
+        folder = default_folder()
+    elif folder is not None and str(folder).strip().lower() in OFF:
+        folder = None
+    with _lock:
+        path = None if folder is None else Path(folder).expanduser()
+        if path is not None:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"compile cache folder {path} cannot be created ({err.strerror})") from None
+            jax.config.update("jax_compilation_cache_dir", str(path / "xla"))
+            jax.config.update("jax_compilation_cache_max_size", XLA_MAX_BYTES)
+            # Cache every cascade compile, however short (JAX's default skips those under 1 s).
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            _prune_exports(path / "exports")
+        else:
+            jax.config.update("jax_compilation_cache_dir", None)
+        jax_cache.reset_cache()  # JAX decides once per process whether its cache is on: decide again
+        _state["folder"] = path
+        return path
+
+
+def folder() -> Path | None:
+    """The folder in use, configuring the default on first use (a folder already given to JAX wins
+    for its executables; the exports then go beside it)."""
+    if "folder" not in _state:
+        user = jax.config.jax_compilation_cache_dir
+        if user:
+            _state["folder"] = Path(user)
+        else:
+            configure("default")
+    return _state["folder"]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A digest of this package's source and of the JAX build: an export made by other code is never used."""
+    h = hashlib.sha256()
+    for path in sorted(_PACKAGE.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    for dist in ("jax", "jaxlib"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def exported(key: str, build: Callable[[], jax.export.Exported]) -> tuple[jax.export.Exported, bool]:
+    """The export stored under `key` (with the code fingerprint and backend) if there is one, else
+    `build()`, stored for next time. Returns it and whether it came from disk. A damaged entry is rebuilt."""
+    where = folder()
+    if where is None:
+        return build(), False
+    digest = hashlib.sha256(f"{jax.default_backend()}|{key}".encode()).hexdigest()[:32]
+    path = where / "exports" / code_fingerprint() / f"{digest}.jaxexport"
+    if path.is_file():
+        try:
+            exp = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception:  # a truncated or foreign file: rebuilt below
+            exp = None
+        if exp is not None:
+            _touch(path.parent)
+            return exp, True
+    exp = build()
+    _write_atomically(path, exp.serialize())
+    return exp, False
+
+
+def _touch(folder: Path) -> None:
+    """Mark a code version's export folder as used now (`_prune_exports` reads its time)."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
+def _prune_exports(exports: Path) -> None:
+    """Delete the export folders of other code versions not used for STALE_DAYS (best effort)."""
+    try:
+        for old in exports.iterdir():
+            if old.name != code_fingerprint() and time.time() - old.stat().st_mtime > STALE_DAYS * 86400:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename, so a concurrent or killed process never leaves half a file.
+    A read-only or full disk only costs the saving, never the run."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _touch(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

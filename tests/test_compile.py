@@ -1,0 +1,186 @@
+"""Static compilation: the bucket ladder, batch plans, the compile cache between processes, compiling
+ahead, and the cascade lowered for CUDA within a memory bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtcnn_jax import buckets, cascade, compile_cache, nets
+from mtcnn_jax.cascade import CascadeConfig
+
+LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+# ---- the ladder and the batch plan ----------------------------------------------------------------
+
+def test_ladder_sides():
+    sides = sorted({cascade.bucket_side(n) for n in range(1, 4097)})
+    assert tuple(sides) == LADDER  # 11 sides: at most 121 bucket shapes up to 4096 x 4096
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6000), st.integers(1, 6000))
+def test_bucket_holds_the_image_with_bounded_padding(h, w):
+    hb, wb = cascade.bucket_shape(h, w)
+    assert hb >= h and wb >= w
+    for n, side in ((h, hb), (w, wb)):
+        assert side == max(n, 128) or side < 1.5 * n  # at most 1.5x per side (2.25x in area)
+        assert cascade.bucket_side(side) == side  # a bucket is its own bucket
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 512))
+def test_bucket_multiple_rounds_up(n, multiple):
+    side = cascade.bucket_side(n, multiple)
+    assert side % multiple == 0 and n <= side < n + multiple
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 200), st.sampled_from([1, 2, 3, 8, 32]))
+def test_batch_sizes_cover_without_padding(n, batch_size):
+    sizes = buckets.batch_sizes(n, batch_size)
+    assert sum(sizes) == n and all(s <= batch_size for s in sizes)
+    assert all(s == batch_size or s & (s - 1) == 0 for s in sizes)  # full batches, then powers of two
+    assert len({s for s in sizes if s != batch_size}) <= max(batch_size, 1).bit_length()
+
+
+def test_plan_groups_images_by_bucket():
+    sizes = [(480, 640), (100, 100), None, (500, 600), (8, 8), (470, 700), (1000, 20)]
+    plan = buckets.plan(sizes, CascadeConfig(), batch_size=2)
+    # (8, 8) has no pyramid level; (1000, 20) has one (20 px at scale 0.6 is one 12-pixel window)
+    assert plan == [((512, 768), [0, 3]), ((512, 768), [5]), ((128, 128), [1]), ((1024, 128), [6])]
+
+
+def test_header_size_follows_exif_orientation(tmp_path):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[buckets.EXIF_ORIENTATION] = 6
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "p.png")
+    (tmp_path / "bad.jpg").write_text("not an image")
+    assert buckets.header_hw(tmp_path / "r.jpg") == (50, 30)
+    assert buckets.header_hw(tmp_path / "p.png") == (30, 50)
+    assert buckets.header_hw(tmp_path / "bad.jpg") is None
+
+
+# ---- compile once per machine --------------------------------------------------------------------
+
+PROCESS = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    counts = {"compiles": 0, "hits": 0, "misses": 0}
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts["compiles"] += 1
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            counts["hits"] += 1
+        if event == "/jax/compilation_cache/cache_misses":
+            counts["misses"] += 1
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    from mtcnn_jax import cascade, nets
+    params = jax.block_until_ready(nets.init_params(jax.random.key(0)))
+    image = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    config = cascade.CascadeConfig(thresholds=(0.3, 0.3, 0.3))
+    counts.update(compiles=0, hits=0, misses=0)  # from the detection on
+    out = cascade.detect_bucket(params, *cascade.pad_to_bucket([image], (128, 128)), config)
+    print(json.dumps({**counts, "scores": np.asarray(out["scores"]).tolist()}))
+""")
+
+
+def _run_process(cache: Path) -> dict:
+    env = {**os.environ, compile_cache.ENV: str(cache)}
+    done = subprocess.run([sys.executable, "-c", PROCESS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_compiles_nothing(tmp_path):
+    first, second = _run_process(tmp_path), _run_process(tmp_path)
+    assert first["compiles"] >= 1 and first["misses"] >= 1
+    assert second["compiles"] == second["hits"] >= 1 and second["misses"] == 0  # every compile came from disk
+    assert second["scores"] == first["scores"]
+    assert list((tmp_path / "exports").rglob("*.jaxexport"))  # the traced cascade is kept too
+
+
+def test_cache_can_be_disabled_and_moved(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.default_folder() is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "elsewhere"))
+    assert compile_cache.default_folder() == tmp_path / "elsewhere"
+    monkeypatch.delenv(compile_cache.ENV)
+    assert compile_cache.default_folder().name == "compiled"
+
+
+def test_a_damaged_export_is_rebuilt(tmp_path, monkeypatch):
+    before = compile_cache._state.copy()
+    try:
+        compile_cache.configure(tmp_path)
+        build = lambda: jax.export.export(jax.jit(lambda x: x * 2))(jax.ShapeDtypeStruct((3,), np.float32))  # noqa: E731
+        exp, from_disk = compile_cache.exported("double", build)
+        assert not from_disk
+        assert compile_cache.exported("double", build)[1]
+        [path] = (tmp_path / "exports").rglob("*.jaxexport")
+        path.write_bytes(path.read_bytes()[:20])
+        exp, from_disk = compile_cache.exported("double", build)
+        assert not from_disk and np.asarray(exp.call(np.ones(3, np.float32))).tolist() == [2, 2, 2]
+    finally:
+        compile_cache.configure(before.get("folder", "default"))
+
+
+# ---- compile ahead -------------------------------------------------------------------------------
+
+def test_compile_ahead_leaves_nothing_to_compile(compiles):
+    params = nets.init_params(jax.random.key(1))
+    config = CascadeConfig(thresholds=(0.5, 0.5, 0.5), min_face_size=40)  # a config no other test compiles
+    seen = []
+    with buckets.CompileAhead(params, [((128, 192), 1), ((128, 192), 1)], config, on_change=seen.append) as ahead:
+        pass
+    assert ahead.pending == 0 and seen[0] == 1 and seen[-1] == 0  # the duplicate shape compiles once
+    before = compiles.count
+    image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    cascade.detect_bucket(params, *cascade.pad_to_bucket([image], (128, 192)), config)
+    assert compiles.count == before
+
+
+# ---- ready for accelerators ----------------------------------------------------------------------
+
+BUFFER_BOUND = 512 * 2**20  # bytes; the largest legitimate buffers are the batch's images and P-Net maps
+_BYTES = {"f32": 4, "i32": 4, "ui32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "ui8": 1, "i1": 1,
+          "i64": 8, "f64": 8}
+
+
+def test_cuda_lowering_stays_within_a_memory_bound():
+    """The whole cascade for a batch of 64 640x480 images, lowered for CUDA without a GPU: no tensor
+    over BUFFER_BOUND (an NMS holding a K x K mask over the P-Net window capacity would need
+    64 x 3072 x 3072 floats, 2.3 GiB), and no CPU-only convolution forms."""
+    params = jax.eval_shape(lambda: nets.init_params(jax.random.key(0)))
+    config = CascadeConfig()
+    bucket = cascade.bucket_shape(480, 640, config)
+    exp = cascade.export_cascade(params, bucket, 64, config, platforms=["cuda"])
+    assert exp.platforms == ("cuda",)
+    text = exp.mlir_module()
+    types = set(re.findall(r"tensor<([0-9x]+)x([a-z]+[0-9]+)>", text))
+    assert types
+    biggest = max(int(np.prod([int(d) for d in dims.split("x")])) * _BYTES[dtype] for dims, dtype in types)
+    assert biggest <= BUFFER_BOUND, f"largest buffer {biggest / 2**20:.0f} MiB"
+    window_capacity, pnet_capacity = cascade.bucket_capacities(config, *bucket)
+    for k in {window_capacity, pnet_capacity, config.rnet_capacity, config.max_faces}:
+        assert not any(re.search(rf"(^|x){k}x{k}(x|$)", dims) for dims, _ in types), k
+    # P-Net's conv3 as one XLA convolution (CPU splits it in groups of 16 output channels)
+    assert text.count("stablehlo.convolution") == text.count("stablehlo.convolution") > 0
+    cpu = cascade.export_cascade(params, bucket, 1, config, platforms=["cpu"]).mlir_module()
+    assert cpu.count("stablehlo.convolution") > text.count("stablehlo.convolution")
