@@ -74,6 +74,13 @@ def time_image(run: Callable[..., int], path: str, runs: int) -> dict[str, Any]:
             "runs_ms": [1e3 * t for t in times], "faces": faces}
 
 
+def detect_once(run: Callable[..., int], path: str) -> dict[str, Any]:
+    """Decode and detect one image once, as a user's script would (bench_e2e.py times the whole process)."""
+    with Image.open(path) as img:
+        pil = ImageOps.exif_transpose(img).convert("RGB")
+    return {"faces": run(pil, np.asarray(pil))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: time one peer on the given images and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -84,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-face-size", type=float, default=20.0)
     p.add_argument("--scale-factor", type=float, default=0.709)
     p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7))
+    p.add_argument("--once", action="store_true", help="each image once, untimed (for end-to-end walls)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     dist, make = PEERS[args.peer]
     run = make(args, args.threads)
+    each = detect_once if args.once else lambda r, path: time_image(r, path, args.runs)
     result = {"peer": args.peer, "version": version(dist), "threads": args.threads,
-              "images": {path: time_image(run, path, args.runs) for path in args.images}}
+              "images": {path: each(run, path) for path in args.images}}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
