@@ -393,6 +393,11 @@ def _work_order(files: list[tuple[str, str]], cfg: CascadeConfig,
     return batches, [chunk for _, chunk in batches] + [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
 
 
+def _compiling(n: int) -> str:
+    """The progress bar's note on compiling ahead."""
+    return f"{n} bucket{'s' if n != 1 else ''} compiling" if n else "all buckets compiled"
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1.
     The buckets the files need are planned from their headers and compiled on a background thread while
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Detections] = {}
     with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
             buckets.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
-                                 on_change=lambda n: bar.set_postfix_str(f"{n} buckets compiling")):
+                                 on_change=lambda n: bar.set_postfix_str(_compiling(n))):
         def report(line: str, err: bool = True) -> None:
             bar.write(line, file=sys.stderr if err else sys.stdout)
 
