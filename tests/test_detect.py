@@ -314,3 +314,19 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
         detect.main([str(tmp_path / "grey.png"), "--rnet-capacity", "1000"])
     with pytest.raises(ValueError, match="bucket_multiple must be >= 0"):
         detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "-1"])
+
+
+def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path):
+    """The CLI's plan: planned batches by bucket from the headers, then the files no bucket was planned for
+    (unreadable, too small for a face); every file exactly once."""
+    sizes = {"a.png": (480, 640), "b.png": (100, 100), "c.png": (470, 700), "tiny.png": (8, 8)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "bad.jpg").write_text("not an image")
+    files = detect.expand_inputs([str(tmp_path)])
+    names = [rel for _, rel in files]
+    batches, order = detect._work_order(files, CascadeConfig(), batch_size=2)
+    assert [(bucket, [names[i] for i in chunk]) for bucket, chunk in batches] == [
+        ((512, 768), ["a.png", "c.png"]), ((128, 128), ["b.png"])]
+    assert sorted(i for chunk in order for i in chunk) == list(range(len(files)))
+    assert [names[i] for i in order[-1]] == ["bad.jpg", "tiny.png"]
