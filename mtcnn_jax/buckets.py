@@ -9,7 +9,7 @@ thread, in the order the work needs them, while the shapes already compiled run.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import jax
@@ -86,8 +86,8 @@ class CompileAhead:
         self._lock = threading.Lock()
         self._on_change(self._left)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtcnn-compile")
-        self._futures: list[Future] = [
-            self._pool.submit(self._compile, params, bucket, batch, config, upto) for bucket, batch in unique]
+        for bucket, batch in unique:
+            self._pool.submit(self._compile, params, bucket, batch, config, upto)
 
     def _compile(self, params: dict, bucket: Bucket, batch: int, config: CascadeConfig, upto: str) -> None:
         try:
@@ -108,9 +108,7 @@ class CompileAhead:
 
     def close(self) -> None:
         """Drop the shapes not started; wait for the one compiling."""
-        for f in self._futures:
-            f.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "CompileAhead":
         return self

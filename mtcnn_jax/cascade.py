@@ -655,8 +655,13 @@ def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config:
     """The cascade of one bucket and batch size as a `jax.export.Exported` (StableHLO with a stable
     calling convention; params are arguments, so any weights of these shapes run in it), lowered for
     `platforms` (default: this machine's backend)."""
+    return _export(bucket_arguments(params, bucket_hw, batch, config), config, upto, platforms)
+
+
+def _export(arguments: tuple, config: CascadeConfig, upto: str,
+            platforms: Sequence[str] | None = None) -> jax.export.Exported:
     fn = jax.jit(functools.partial(cascade_fn, config=config, upto=upto))
-    return jax.export.export(fn, platforms=platforms)(*bucket_arguments(params, bucket_hw, batch, config))
+    return jax.export.export(fn, platforms=platforms)(*arguments)
 
 
 _compiled: dict[tuple, Future] = {}
@@ -674,14 +679,15 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
     config and upto. Compiled once per process (threads asking for one bucket wait for one compile;
     different buckets compile concurrently) and, through `compile_cache`, once per machine: a later
     process loads the export and XLA's executable from the user's cache folder."""
-    key = (tuple(bucket_hw), batch, config, upto, _params_signature(params))
+    bucket_hw = tuple(bucket_hw)
+    key = (bucket_hw, batch, config, upto, _params_signature(params))
     with _compiled_lock:
         future, owner = _compiled.get(key), False
         if future is None:
             future, owner = _compiled.setdefault(key, Future()), True
     if owner:
         try:
-            future.set_result(_compile(params, tuple(bucket_hw), batch, config, upto))
+            future.set_result(_compile(key, bucket_arguments(params, bucket_hw, batch, config)))
         except BaseException as err:
             with _compiled_lock:
                 del _compiled[key]
@@ -689,11 +695,11 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
     return future.result()
 
 
-def _compile(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> Callable:
-    """Export (or load the stored export of) one bucket's cascade and compile it ahead of time."""
-    arguments = bucket_arguments(params, bucket_hw, batch, config)
-    key = f"cascade|{bucket_hw}|{batch}|{config!r}|{upto}|{_params_signature(params)}"
-    exp, _ = compile_cache.exported(key, lambda: export_cascade(params, bucket_hw, batch, config, upto))
+def _compile(key: tuple, arguments: tuple) -> Callable:
+    """Export (or load the stored export of) the cascade of `compiled_cascade`'s key and compile it ahead
+    of time for these argument shapes."""
+    _, _, config, upto, _ = key
+    exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))
     return jax.jit(exp.call, compiler_options=_compiler_options()).lower(*arguments).compile()
 
 

@@ -12,6 +12,7 @@ A folder the user already gave JAX (`jax_compilation_cache_dir`) is respected.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import os
@@ -38,24 +39,32 @@ _state: dict[str, Path | None] = {}  # "folder": the configured folder (None: di
 _lock = threading.Lock()
 
 
+def _as_folder(value: str | os.PathLike | None) -> Path | None:
+    """A folder as the user wrote it: None, or one of OFF, means none."""
+    if value is None or str(value).strip().lower() in OFF:
+        return None
+    return Path(value).expanduser()
+
+
 def default_folder() -> Path | None:
     """$MTCNN_JAX_COMPILE_CACHE (None when it says off), else `compiled/` in the user cache folder."""
-    value = os.environ.get(ENV)
-    if value is None or value.strip() == "":
-        return cache_dir() / "compiled"
-    return None if value.strip().lower() in OFF else Path(value).expanduser()
+    value = os.environ.get(ENV, "").strip()
+    return _as_folder(value) if value else cache_dir() / "compiled"
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    """The `--compile-cache DIR|off` flag of every CLI that runs the cascade (pass its value to `configure`)."""
+    parser.add_argument("--compile-cache", default="default", metavar="DIR|off",
+                        help=f"where compiled cascade buckets are kept for later runs (default: ${ENV}, else "
+                             "compiled/ in the user cache folder beside the weights); off: keep nothing")
 
 
 def configure(folder: str | os.PathLike | None = "default") -> Path | None:
     """Use `folder` for compiled cascades and JAX's persistent cache ("default": `default_folder()`,
     None or "off": keep nothing on disk). Returns the folder in use. Call before the first compile,
     or it applies from the next compile on."""
-    if folder == "default":
-        folder = default_folder()
-    elif folder is not None and str(folder).strip().lower() in OFF:
-        folder = None
+    path = default_folder() if folder == "default" else _as_folder(folder)
     with _lock:
-        path = None if folder is None else Path(folder).expanduser()
         if path is not None:
             try:
                 path.mkdir(parents=True, exist_ok=True)

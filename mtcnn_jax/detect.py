@@ -347,9 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
                         "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
                         "padded size); detections do not change")
-    p.add_argument("--compile-cache", default="default", metavar="DIR|off",
-                   help=f"where compiled buckets are kept for later runs (default: ${compile_cache.ENV}, else "
-                        f"{compile_cache.default_folder()}); off: keep nothing")
+    compile_cache.add_flag(p)
     for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
         default = getattr(defaults, field_name)
         p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",

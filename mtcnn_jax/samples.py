@@ -585,9 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
     p.add_argument("--square-faces", action="store_true",
                    help="label crops by IoU with each face's square box (narrow faces can be positives)")
-    p.add_argument("--compile-cache", default="default", metavar="DIR|off",
-                   help="where compiled cascade buckets are kept between runs (default: $MTCNN_JAX_COMPILE_CACHE, "
-                        "else compiled/ in the user cache folder); off: keep nothing")
+    from mtcnn_jax import compile_cache  # imports JAX: kept out of the sample workers' imports
+
+    compile_cache.add_flag(p)
     return p
 
 
