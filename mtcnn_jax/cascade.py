@@ -30,6 +30,7 @@ import numpy as np
 
 from mtcnn_jax import boxes as bx
 from mtcnn_jax import compile_cache, nets
+from mtcnn_jax.stages import INPUT_SIZE, MIN_FACE_SIZE, SCALE_FACTOR, THRESHOLDS
 
 Array = Any  # np.ndarray or jax.Array
 
@@ -38,9 +39,9 @@ Array = Any  # np.ndarray or jax.Array
 class CascadeConfig:
     """Detector constants (detect_face.m defaults) and the fixed capacities of the jitted path."""
 
-    min_face_size: float = 20.0
-    scale_factor: float = 0.709
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    min_face_size: float = MIN_FACE_SIZE
+    scale_factor: float = SCALE_FACTOR
+    thresholds: tuple[float, float, float] = THRESHOLDS
     nms_level: float = 0.5  # P-Net, within one pyramid level (Union)
     nms_pnet: float = 0.7  # P-Net, over all levels (Union)
     nms_rnet: float = 0.7  # after R-Net (Union)
@@ -360,7 +361,7 @@ def crop_sources(image_HxWx3: Array, image_hw: Array, n_mips: int, mips: list[Ar
         side = xp.concatenate([xp.pad(m, ((0, 0), (0, mips[1].shape[1] - m.shape[1]), (0, 0))) for m in mips[1:]])
         rows = max(atlas.shape[0], side.shape[0])
         atlas = xp.concatenate([xp.pad(a, ((0, rows - a.shape[0]), (0, 0), (0, 0))) for a in (atlas, side)], axis=1)
-    atlas = _pad_to_window(atlas, crop_window(max(nets.INPUT_SIZE.values()), CROP_TAPS))  # tiny images: once
+    atlas = _pad_to_window(atlas, crop_window(max(INPUT_SIZE.values()), CROP_TAPS))  # tiny images: once
     div = xp.asarray(2 ** np.arange(n_mips), xp.int32)[:, None]
     hw = -(-xp.asarray(image_hw, xp.int32)[None, :] // div)
     return CropSources(atlas, tuple(corners), hw, xp.ones((n_mips, 2), xp.float32) / div.astype(xp.float32))
@@ -545,7 +546,7 @@ def _run_in_chunks(fn: Callable, boxes_BxNx4, valid_BxN, chunk: int, spec: dict)
 @functools.lru_cache(maxsize=None)
 def _stage_spec(stage: str) -> dict:
     """{output: (trailing shape, dtype)} of a stage net per crop, plus "prob" (traced once per process)."""
-    size = nets.INPUT_SIZE[stage]
+    size = INPUT_SIZE[stage]
     params = jax.eval_shape(lambda: nets.init_params(jax.random.key(0), [stage])[stage])
     out = jax.eval_shape(nets.NETS[stage], params, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     return {**{k: (v.shape[1:], v.dtype) for k, v in out.items()}, "prob": ((), jnp.float32)}

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-STAGES = ("pnet", "rnet", "onet")
+from mtcnn_jax.stages import STAGES
+
 
 
 def save_cascade(directory: str | Path, params: dict[str, Any], *, force: bool = False) -> Path:

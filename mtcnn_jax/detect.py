@@ -24,6 +24,7 @@ import numpy as np
 
 from mtcnn_jax import buckets, cascade, checkpoints, compile_cache
 from mtcnn_jax.cascade import CascadeConfig
+from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
 
 MIN_SIDE = 12  # P-Net's window: nothing smaller can hold a face
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -178,10 +179,10 @@ def resolve_params(params: Any = None) -> dict[str, Any]:
         return jax.device_put(checkpoints.load_cascade(params))
     if not isinstance(params, dict):
         raise TypeError(f"params must be None, a checkpoint path or a dict, got {type(params).__name__}")
-    missing = [s for s in checkpoints.STAGES if s not in params]
+    missing = [s for s in STAGES if s not in params]
     if missing:
-        raise ValueError(f"params need the stages {checkpoints.STAGES}; missing {missing}")
-    return {s: params[s] for s in checkpoints.STAGES}
+        raise ValueError(f"params need the stages {STAGES}; missing {missing}")
+    return {s: params[s] for s in STAGES}
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -266,8 +267,8 @@ def _try_load(source: ImageSource, name: str) -> np.ndarray | ImageError:
         return err
 
 
-def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = 20,
-                 scale_factor: float = 0.709, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
+                 scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
                  config: CascadeConfig | None = None,
                  batch_size: int | None = None) -> list[Detections | ImageError]:
     """Faces in many images of any sizes; a bad image yields its ImageError in its slot, the rest still run.
@@ -286,8 +287,9 @@ def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_
     return detect_loaded(loaded, names, resolve_params(params), cfg, batch_size)
 
 
-def detect(image: ImageSource, params: Any = None, *, min_face_size: float = 20, scale_factor: float = 0.709,
-           thresholds: Sequence[float] = (0.6, 0.7, 0.7), config: CascadeConfig | None = None) -> Detections:
+def detect(image: ImageSource, params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
+           scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
+           config: CascadeConfig | None = None) -> Detections:
     """Faces in one image (a path, PIL image or uint8 H x W x 3 array); raises ImageError for a bad input."""
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
     name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
@@ -337,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = CascadeConfig()
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (recursive)")
     p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint dir (default: the original weights)")
-    p.add_argument("--min-face-size", type=float, default=20.0)
-    p.add_argument("--scale-factor", type=float, default=0.709)
-    p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7), metavar=("T1", "T2", "T3"))
+    p.add_argument("--min-face-size", type=float, default=MIN_FACE_SIZE)
+    p.add_argument("--scale-factor", type=float, default=SCALE_FACTOR)
+    p.add_argument("--thresholds", type=float, nargs=3, default=THRESHOLDS, metavar=("T1", "T2", "T3"))
     p.add_argument("--batch-size", type=int, default=None,
                    help="images of one bucket run together (default: 1 on CPU, where larger batches run "
                         "slower per image, 8 on accelerators)")

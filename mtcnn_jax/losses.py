@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-POSITIVE, NEGATIVE, PART, LANDMARK = 1, 0, -1, -2
-LABELS = (POSITIVE, NEGATIVE, PART, LANDMARK)
+from mtcnn_jax.stages import LANDMARK, NEGATIVE, PART, POSITIVE
+
 
 
 class LossWeights(NamedTuple):
-    """Weights of the detection, box and landmark terms (the paper's alpha_det, alpha_box, alpha_landmark)."""
+    """Weights of the detection, box and landmark terms (the paper's alpha_det for the cls term, alpha_box, alpha_landmark)."""
 
-    det: float
+    cls: float
     box: float
     landmark: float
 
@@ -168,7 +168,7 @@ def multitask_loss(
     }
     if "landmarks" in outputs:
         terms["landmark"] = landmark_loss(_flat(outputs["landmarks"], size), batch["landmarks"], labels_B, axis_name)
-    weighted = {"cls": weights.det * terms["cls"], "box": weights.box * terms["box"]}
+    weighted = {"cls": weights.cls * terms["cls"], "box": weights.box * terms["box"]}
     weighted["landmark"] = weights.landmark * terms["landmark"]
     total = weighted["cls"] + weighted["box"] + weighted["landmark"]
     metrics = {"loss": total, **terms, **{f"{k}_weighted": v for k, v in weighted.items()}}

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from mtcnn_jax.stages import INPUT_SIZE, STAGES
+
 Params = Any  # a nested dict of arrays, one per net
 
-INPUT_SIZE = {"pnet": 12, "rnet": 24, "onet": 48}
 
 
 def normalize(images_uint8: jax.Array) -> jax.Array:
@@ -239,7 +240,7 @@ def onet(params: Params, x: jax.Array, *, dropout_rng: jax.Array | None = None) 
 NETS: dict[str, Callable[..., dict[str, jax.Array]]] = {"pnet": pnet, "rnet": rnet, "onet": onet}
 
 
-def init_params(rng: jax.Array, stages: tuple[str, ...] = ("pnet", "rnet", "onet")) -> dict[str, Params]:
+def init_params(rng: jax.Array, stages: tuple[str, ...] = STAGES) -> dict[str, Params]:
     """Fresh param trees (Flax default initialisers, PReLU slopes 0.25) for training from scratch."""
     out = {}
     for stage, key in zip(stages, jax.random.split(rng, len(stages))):

@@ -35,12 +35,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mtcnn_jax import boxes as bx
+from mtcnn_jax import stages
+from mtcnn_jax.stages import INPUT_SIZE, LABEL
+from mtcnn_jax.stages import SAMPLE_TYPES as TYPES
 
-STAGE_SIZE = {"pnet": 12, "rnet": 24, "onet": 48}
-TYPES = ("negative", "positive", "part", "landmark")
-LABEL = {"negative": 0, "positive": 1, "part": -1, "landmark": -2}
 UNUSED = 9  # IoU in 0.3-0.4: neither negative nor part, not written
-FLIP_POINTS = np.array([1, 0, 2, 4, 3])  # mirrored: left eye <-> right eye, left mouth <-> right mouth
+FLIP_POINTS = np.array(stages.FLIP_POINTS)
 
 
 class SamplesError(ValueError):
@@ -68,7 +68,7 @@ class SampleConfig:
 
     @property
     def size(self) -> int:
-        return STAGE_SIZE[self.stage]
+        return INPUT_SIZE[self.stage]
 
 
 # ----------------------------------------------------------------------------------------- targets
@@ -421,14 +421,14 @@ def _builder_class():
         """MTCNN training samples of one stage, with provenance: the source image, the crop, the flip."""
 
         VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=s, description=f"{n}x{n} crops") for s, n in STAGE_SIZE.items()]
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=s, description=f"{n}x{n} crops") for s, n in INPUT_SIZE.items()]
 
         def __init__(self, *, examples=None, **kwargs):
             self._examples = examples
             super().__init__(file_format="array_record", **kwargs)
 
         def _info(self):
-            n, f = STAGE_SIZE[self.builder_config.name], tfds.features
+            n, f = INPUT_SIZE[self.builder_config.name], tfds.features
             return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=f.FeaturesDict({
                 "image": f.Tensor(shape=(n, n, 3), dtype=np.uint8), "label": f.Tensor(shape=(), dtype=np.int32),
                 "box": f.Tensor(shape=(4,), dtype=np.float32), "landmarks": f.Tensor(shape=(10,), dtype=np.float32),
@@ -568,7 +568,7 @@ def parse_ratio(text: str) -> tuple[float, float, float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtcnn_jax.samples", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=list(STAGE_SIZE))
+    p.add_argument("stage", choices=list(INPUT_SIZE))
     p.add_argument("--wider", required=True, help="WIDER FACE root (WIDER_train/images, wider_face_split/)")
     p.add_argument("--landmarks", help="LFW+Net folder (trainImageList.txt) or CelebA folder (list_*_celeba.txt, img_celeba/)")
     p.add_argument("--out", required=True, help="output folder (the dataset and summary.json)")

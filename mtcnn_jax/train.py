@@ -38,13 +38,13 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from mtcnn_jax import checkpoints, losses, nets
+from mtcnn_jax import checkpoints, losses, nets, stages
 from mtcnn_jax.samples import flip_targets
 
 AXIS = "batch"  # the named device axis of the data-parallel step
 PAD_LABEL = -3  # pads the last evaluation batch: in no task, so it changes no loss or metric
 # Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner (x1..x5, y1..y5).
-_MIRRORED_POINTS = np.array([1, 0, 2, 4, 3])
+_MIRRORED_POINTS = np.array(stages.FLIP_POINTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TrainConfig:
     stage: str
     input_size: int
     steps: int
-    det_weight: float
+    cls_weight: float
     box_weight: float
     landmark_weight: float
     batch_size: int = 384  # global: split evenly over the local devices
@@ -78,13 +78,13 @@ class TrainConfig:
 
     @property
     def weights(self) -> losses.LossWeights:
-        return losses.LossWeights(self.det_weight, self.box_weight, self.landmark_weight)
+        return losses.LossWeights(self.cls_weight, self.box_weight, self.landmark_weight)
 
 
 def _stage_config(stage: str, steps: int, doc: str) -> TrainConfig:
     """The paper's setting for `stage`: its input size and loss weights, batch 384, lr 1e-3, momentum 0.9."""
     w = losses.STAGE_WEIGHTS[stage]
-    config = TrainConfig(stage, nets.INPUT_SIZE[stage], steps, w.det, w.box, w.landmark)
+    config = TrainConfig(stage, stages.INPUT_SIZE[stage], steps, w.cls, w.box, w.landmark)
     object.__setattr__(config, "__doc__", doc)  # frozen: set the per-config docstring once, here
     return config
 
@@ -157,10 +157,10 @@ def load_arrays(source: Any, config: TrainConfig, chunk: int = 4096) -> dict[str
             raise ValueError(f"sample {bad}: image of shape {np.shape(source[bad]['image'])}, "
                              f"{config.stage} needs {want}")
     arrays = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    bad = np.flatnonzero(~np.isin(arrays["label"], losses.LABELS))
+    bad = np.flatnonzero(~np.isin(arrays["label"], stages.LABELS))
     if bad.size:
         found = sorted(set(arrays["label"][bad].tolist()))
-        raise ValueError(f"samples {bad[:10].tolist()}: labels {found} not in {losses.LABELS}")
+        raise ValueError(f"samples {bad[:10].tolist()}: labels {found} not in {stages.LABELS}")
     return arrays
 
 
@@ -236,7 +236,7 @@ def training_batch(arrays: dict[str, np.ndarray], train_idx: np.ndarray, config:
     idx = step_indices(train_idx, config.seed, step, config.batch_size)
     batch = {k: v[idx] for k, v in arrays.items()}
     coin_B = np.random.default_rng([config.seed, step, 1]).random(config.batch_size) < config.flip_probability
-    flippable_B = (batch["label"] == losses.POSITIVE) | (batch["label"] == losses.LANDMARK)
+    flippable_B = (batch["label"] == stages.POSITIVE) | (batch["label"] == stages.LANDMARK)
     batch = flip_batch(batch, coin_B & flippable_B)
     if config.color_jitter > 0:
         j = config.color_jitter
@@ -389,8 +389,8 @@ def check_run(workdir: str | Path, config: TrainConfig, devices: int) -> Path:
     if not (0 <= config.blur_probability <= 1 and config.blur_sigma > 0):
         raise ValueError(f"--blur-probability {config.blur_probability} / --blur-sigma {config.blur_sigma}: "
                          "expected a probability in [0, 1] and a sigma > 0")
-    if config.input_size != nets.INPUT_SIZE[config.stage]:
-        raise ValueError(f"{config.stage} takes {nets.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
+    if config.input_size != stages.INPUT_SIZE[config.stage]:
+        raise ValueError(f"{config.stage} takes {stages.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if config_path.exists():
