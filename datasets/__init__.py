@@ -3,9 +3,9 @@
 `build(WiderFace, manual_dir, data_dir)` then `data_source(builder, "train")` for random access.
 """
 
-from datasets.common import Skipped, build, data_source
-from datasets.landmarks import CelebaWild, LfwNet, face_problem, landmark_faces
-from datasets.wider_face import WiderFace, read_wider_gt, wider_split
+from mtcnn_jax.datasets.common import Skipped, build, data_source
+from mtcnn_jax.datasets.landmarks import CelebaWild, LfwNet, face_problem, landmark_faces
+from mtcnn_jax.datasets.wider_face import WiderFace, read_wider_gt, wider_split
 
 __all__ = ["CelebaWild", "LfwNet", "Skipped", "WiderFace", "build", "data_source", "face_problem",
            "landmark_faces", "read_wider_gt", "wider_split"]

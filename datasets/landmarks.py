@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datasets.common import ManualBuilder, image_readable
+from mtcnn_jax.datasets.common import ManualBuilder, image_readable
 from mtcnn_jax.evaluate import read_landmark_list
 
 CELEBA_LISTS = ("list_landmarks_celeba.txt", "list_bbox_celeba.txt")

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datasets.common import ManualBuilder, image_readable
+from mtcnn_jax.datasets.common import ManualBuilder, image_readable
 
 ATTRIBUTES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 SPLITS = {"train": "train", "validation": "val"}

@@ -274,7 +274,7 @@ KIND_ID = {"wider": 0, "landmark": 1}
 
 def wider_jobs(wider_dir: str | Path, max_images: int | None = None) -> list[dict]:
     """One job per WIDER FACE training image of the official layout: its path and faces (x1, y1, x2, y2)."""
-    from datasets import wider_split
+    from mtcnn_jax.datasets import wider_split
 
     image_dir, entries = wider_split(wider_dir, "train")
     return [{"kind": "wider", "index": i, "path": str((image_dir / e["path"]).resolve()), "gt": e["boxes"]}
@@ -283,7 +283,7 @@ def wider_jobs(wider_dir: str | Path, max_images: int | None = None) -> list[dic
 
 def landmark_jobs(landmarks_dir: str | Path, max_faces: int | None = None) -> list[dict]:
     """One job per landmark face: LFW+Net's trainImageList.txt if present in the folder, else CelebA's lists."""
-    from datasets import landmark_faces
+    from mtcnn_jax.datasets import landmark_faces
 
     root = Path(landmarks_dir)
     image_dir, faces = landmark_faces(root, "trainImageList.txt" if (root / "trainImageList.txt").is_file() else None)
@@ -293,7 +293,7 @@ def landmark_jobs(landmarks_dir: str | Path, max_faces: int | None = None) -> li
 
 def _job_table(job: dict, hw: tuple[int, int], rng: np.random.Generator, cfg: SampleConfig):
     """A job's samples (no pixels) and the reasons for whatever of it was dropped."""
-    from datasets import face_problem
+    from mtcnn_jax.datasets import face_problem
 
     if job["kind"] == "landmark":
         box = np.asarray(job["box"], np.float64)
@@ -512,7 +512,7 @@ def load(directory: str | Path) -> Samples:
 
 def summarise(results: list[dict], available: dict, kept: dict, cfg: SampleConfig, extra: dict) -> dict:
     """Counts per type (generated, kept, dropped by the mix), inputs skipped by reason with first names."""
-    from datasets import Skipped
+    from mtcnn_jax.datasets import Skipped
 
     skipped = Skipped()
     for r in results:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import datasets
+from mtcnn_jax import datasets
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
