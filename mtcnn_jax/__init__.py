@@ -1,11 +1,31 @@
 """mtcnn_jax: the reference JAX/Flax implementation of MTCNN (Zhang et al. 2016).
 
-Face detection with five landmarks: three small nets (nets.py) run as a cascade, with the original
-released weights (pretrained.py) or your own (checkpoints.py).
+Face detection with five landmarks: three small nets (nets.py) run as a cascade (cascade.py), with
+the original released weights (pretrained.py) or your own (checkpoints.py). `import mtcnn_jax` is
+light: each submodule, and the names below, load on first use.
 """
 
-from mtcnn_jax.nets import init_params, onet, pnet, rnet
-from mtcnn_jax.pretrained import load_pretrained
+import importlib
+from typing import Any
 
-__all__ = ["init_params", "load_pretrained", "onet", "pnet", "rnet"]
 __version__ = "0.1.0"
+
+_NAMES = {"init_params": "nets", "pnet": "nets", "rnet": "nets", "onet": "nets",
+          "load_pretrained": "pretrained"}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    """Submodules (`mtcnn_jax.cascade`) and the names above, imported when first used (PEP 562)."""
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"mtcnn_jax.{_NAMES[name]}"), name)
+    try:
+        return importlib.import_module(f"mtcnn_jax.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"mtcnn_jax.{name}":
+            raise
+        raise AttributeError(f"module 'mtcnn_jax' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES])
