@@ -1,11 +1,25 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and strict mode: with MTCNN_JAX_STRICT=1 (set by .ci/run) missing data or
+weights fail the tests that need them instead of skipping them."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, NoReturn
 
+import jax
 import pytest
+
+from mtcnn_jax import pretrained
+
+STRICT = os.environ.get("MTCNN_JAX_STRICT", "") not in ("", "0")
+
+
+def missing(what: str) -> NoReturn:
+    """Skip a test whose data or weights are absent; in strict mode, fail it."""
+    if STRICT:
+        pytest.fail(f"{what} (MTCNN_JAX_STRICT is set: missing data or weights are errors)", pytrace=False)
+    pytest.skip(what)
 
 
 @pytest.fixture(scope="session")
@@ -13,8 +27,17 @@ def shared_data() -> Path:
     """The shared real-data folder: $MTCNN_JAX_DATA, else shared/data beside the repository root."""
     path = Path(os.environ.get("MTCNN_JAX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not path.is_dir():
-        pytest.skip(f"shared data not found at {path} (set MTCNN_JAX_DATA)")
+        missing(f"shared data not found at {path} (set MTCNN_JAX_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def original_weights() -> dict[str, Any]:
+    """The released MTCNN weights as param trees (fetched once into the user cache if needed)."""
+    try:
+        return pretrained.load_pretrained()
+    except pretrained.WeightsNotFoundError as err:
+        missing(f"the released MTCNN weights are not available here: {err}")
 
 
 class CompileCounter:
@@ -24,8 +47,6 @@ class CompileCounter:
     EVENT = "/jax/core/compile/backend_compile_duration"
 
     def __init__(self):
-        import jax
-
         self.count = 0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 

@@ -10,18 +10,14 @@ from PIL import Image
 
 from mtcnn_jax import boxes as bx
 from mtcnn_jax import cascade, checkpoints
-from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
 
 PHOTOS = ["angelina_jolie.jpg", "ivan.jpg", "kate_siegel.jpg", "multiface.jpg", "no-faces.jpg", "paul_rudd.jpg",
           "shea_whigham.jpg"]
 
 
 @pytest.fixture(scope="module")
-def params():
-    try:
-        return load_pretrained()
-    except WeightsNotFoundError as err:
-        pytest.skip(f"original weights unavailable: {err}")
+def params(original_weights):
+    return original_weights
 
 
 @pytest.fixture(scope="module")

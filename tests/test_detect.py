@@ -10,13 +10,10 @@ import pytest
 from PIL import Image
 
 import mtcnn_jax
+from conftest import missing
 from mtcnn_jax import cascade, detect
 from mtcnn_jax.cascade import CascadeConfig
 from mtcnn_jax.detect import CapacityWarning, Detections, ImageError
-
-HAS_CASCADE = hasattr(cascade, "detect_bucket")
-needs_cascade = pytest.mark.skipif(not HAS_CASCADE, reason="cascade.detect_bucket is not written yet")
-
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -224,11 +221,10 @@ def test_drawing(tmp_path):
 def reference(shared_data):
     folder = shared_data / "reference"
     if not folder.is_dir():
-        pytest.skip(f"no reference photos at {folder}")
+        missing(f"no reference photos at {folder}")
     return folder
 
 
-@needs_cascade
 def test_end_to_end_batch_with_bad_image_and_flat_grey(reference):
     # a 180x240 crop around the face: the 192x256 bucket of no-faces.jpg, so the CLI test reuses the compile
     face = detect.load_image(reference / "ivan.jpg")[40:220, 200:440]
@@ -258,7 +254,6 @@ def check_cli_json(result: dict) -> None:
         assert np.asarray(entry["landmarks"]).reshape(-1, 5, 2).shape[0] == len(entry["boxes"])
 
 
-@needs_cascade
 def test_cli_end_to_end(reference, tmp_path, capsys):
     more = tmp_path / "more"
     (more / "sub").mkdir(parents=True)
@@ -279,7 +274,6 @@ def test_cli_end_to_end(reference, tmp_path, capsys):
     assert Image.open(drawn / "ivan.jpg").size == Image.open(reference / "ivan.jpg").size
 
 
-@needs_cascade
 @pytest.mark.skipif(not os.environ.get("MTCNN_JAX_SLOW_TESTS"), reason="~2 min of compiles; set MTCNN_JAX_SLOW_TESTS=1")
 def test_cli_whole_reference_folder(reference, tmp_path, capsys):
     code, result, out, err = run_cli([str(reference)], tmp_path, capsys)

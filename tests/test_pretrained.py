@@ -8,6 +8,7 @@ import joblib
 import numpy as np
 import pytest
 
+from conftest import missing
 from mtcnn_jax import checkpoints, nets, pretrained
 
 
@@ -17,7 +18,7 @@ def wheel():
     try:
         location = pretrained.locate()
     except pretrained.WeightsNotFoundError as err:
-        pytest.skip(f"the released MTCNN weights are not available here: {err}")
+        missing(f"the released MTCNN weights are not available here: {err}")
     if location.is_dir():
         pytest.skip("weights come from an installed mtcnn folder, not a wheel; wheel-specific tests skipped")
     return location

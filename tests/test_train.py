@@ -1,7 +1,6 @@
 """The trainer: flips, data-parallel equivalence, resume, learning, bad input, NaN stop, load_params."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from mtcnn_jax import checkpoints, train
+from mtcnn_jax.stages import STAGES
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -343,8 +343,6 @@ def test_unknown_optimizer_and_optimizer_switch_are_refused(samples, tmp_path):
 
 def test_real_samples_loss_decreases(shared_data, tmp_path):
     """A short P-Net run on a small real sample set (20 WIDER images, 60 landmark faces) learns."""
-    if importlib.util.find_spec("mtcnn_jax.samples") is None:
-        pytest.skip("mtcnn_jax.samples is not written yet: the real-data training check waits for it")
     from mtcnn_jax import samples as samples_module
 
     directory = os.environ.get("MTCNN_JAX_SAMPLES")
@@ -363,8 +361,6 @@ def test_real_samples_loss_decreases(shared_data, tmp_path):
 
 
 def test_flip_batch_agrees_with_the_sample_writer(samples):
-    if importlib.util.find_spec("mtcnn_jax.samples") is None:
-        pytest.skip("mtcnn_jax.samples is not written yet")
     from mtcnn_jax import samples as samples_module
 
     batch = train.gather(samples, range(7))
@@ -421,14 +417,8 @@ def test_cli_flags_map_onto_config_fields():
 
 
 @pytest.fixture(scope="module")
-def original():
-    """The released weights, or a skip where they cannot be fetched."""
-    from mtcnn_jax.pretrained import WeightsNotFoundError, load_pretrained
-
-    try:
-        return load_pretrained()
-    except WeightsNotFoundError as e:
-        pytest.skip(f"original weights unavailable: {e}")
+def original(original_weights):
+    return original_weights
 
 
 def test_assemble_cascade_cli_mixes_trained_and_original_stages(uninterrupted, original, tmp_path):
@@ -470,7 +460,7 @@ def test_assemble_cascade_cli_averages_several_runs(uninterrupted, original, tmp
     assert_trees_close(checkpoints.load_cascade(out)["pnet"], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_init_from_a_run_or_the_original_weights(uninterrupted, tmp_path):
+def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights, tmp_path):
     workdir, state = uninterrupted
     config = dataclasses.replace(BASE, init_from=str(workdir))
     with train.checkpoint_manager(tmp_path / "a", config) as manager:
@@ -479,16 +469,11 @@ def test_init_from_a_run_or_the_original_weights(uninterrupted, tmp_path):
     assert_trees_close(start.params, state.params)  # the run's latest params, a fresh optimizer state
     assert all(not np.any(x) for x in jax.tree_util.tree_leaves(start.opt_state))
     rnet = dataclasses.replace(BASE, stage="rnet", input_size=24, init_from=str(tmp_path / "cascade"))
-    checkpoints.save_cascade(tmp_path / "cascade", {s: state.params for s in checkpoints.STAGES})  # P-Net trees
+    checkpoints.save_cascade(tmp_path / "cascade", {s: state.params for s in STAGES})  # P-Net trees
     with pytest.raises(ValueError, match="not rnet params"):
         train.initial_params(rnet, train.init_state(rnet).params)
     with pytest.raises(FileNotFoundError, match="init-from"):
         train.check_run(tmp_path / "c", dataclasses.replace(BASE, init_from=str(tmp_path / "nowhere")), 1)
-    from mtcnn_jax import pretrained
-
-    try:
-        released = pretrained.load_pretrained()
-    except pretrained.WeightsNotFoundError as err:
-        pytest.skip(f"the released MTCNN weights are not available here: {err}")
+    released = original_weights
     onet = dataclasses.replace(BASE, stage="onet", input_size=48, init_from="original")
     assert_trees_close(train.initial_params(onet, train.init_state(onet).params), released["onet"])
