@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtcnn_jax.evaluate import evaluate_wider, load_wider_gt
+from mtcnn_jax.wider_eval import evaluate_wider, load_wider_gt
 
 
 def synthetic_detections(gt: dict, seed: int = 0, recall: float = 0.8, false_per_image: int = 5) -> dict:

@@ -12,15 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw
 
 
 def _axes(ax: Any = None, figsize: tuple[float, float] = (6.0, 5.0)):
     """The given axes and its figure, or a new figure with one axes."""
     if ax is not None:
         return ax.figure, ax
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=figsize)
     return fig, ax
 
@@ -129,7 +130,6 @@ def _as_arrays(detections_or_boxes: Any, scores: Any = None, landmarks: Any = No
 def draw_detections(image: Any, detections_or_boxes: Any, scores: Any = None, landmarks: Any = None, *,
                     ax: Any = None, path: str | Path | None = None) -> Any:
     """The image with boxes, score labels and landmark dots, as a matplotlib Figure (saved when given a path)."""
-    
     img = np.asarray(image)
     boxes, scores, landmarks = _as_arrays(detections_or_boxes, scores, landmarks)
     h, w = img.shape[:2]
@@ -148,16 +148,13 @@ def draw_detections(image: Any, detections_or_boxes: Any, scores: Any = None, la
     return _save(fig, path)
 
 
-def _rectangle(x: float, y: float, w: float, h: float) -> Any:
-    from matplotlib.patches import Rectangle
-
+def _rectangle(x: float, y: float, w: float, h: float) -> Rectangle:
+    """An unfilled box outline in the box colour."""
     return Rectangle((x, y), w, h, fill=False, edgecolor=BOX_COLOUR, linewidth=1.5)
 
 
 def annotate_image(image_uint8: np.ndarray, detections: Any) -> Any:
     """A PIL copy of the image with boxes, scores and landmarks drawn in (fast; what the CLI's --draw writes)."""
-    from PIL import Image, ImageDraw
-
     out = Image.fromarray(np.asarray(image_uint8, np.uint8))
     boxes, scores, landmarks = _as_arrays(detections)
     draw = ImageDraw.Draw(out)

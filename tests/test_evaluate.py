@@ -1,4 +1,5 @@
-"""Tests of mtcnn_jax.evaluate: hand-computed cases for the WIDER FACE, FDDB and landmark protocols."""
+"""Tests of the evaluators (wider_eval, fddb_eval, landmark_eval, detections_json) and the evaluate CLI:
+hand-computed cases for the WIDER FACE, FDDB and landmark protocols."""
 
 from __future__ import annotations
 
@@ -8,11 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from mtcnn_jax import evaluate as ev
+from conftest import missing
 from mtcnn_jax import visualize
+from mtcnn_jax.boxes import iou_matrix
+from mtcnn_jax.detections_json import EvaluationError, load_detections, validate_detections
+from mtcnn_jax.fddb_eval import ellipse_rect_overlap, evaluate_fddb, fddb_image_results
+from mtcnn_jax.landmark_eval import evaluate_landmarks, read_landmark_list
+from mtcnn_jax.wider_eval import (
+    WIDER_SETTINGS,
+    evaluate_wider,
+    image_eval,
+    img_pr_info,
+    voc_ap,
+    wider_key,
+    wider_thresholds,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FDDB_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "fddb"
@@ -25,14 +40,14 @@ def wider_gt(images: dict[str, tuple[list, list[int]]]) -> dict:
         mask = np.zeros(len(boxes), dtype=bool)
         mask[counted] = True
         gt[key] = {"boxes": np.asarray(boxes, dtype=float).reshape(-1, 4)} | {
-            s: mask for s in ev.WIDER_SETTINGS
+            s: mask for s in WIDER_SETTINGS
         }
     return gt
 
 
 def official_image_eval(pred, gt, ignore, iou_thresh=0.5):
     """Literal transcription of the official image_eval loop (ignore = 1 for counted faces)."""
-    overlaps = ev.iou_matrix(pred[:, :4], gt)
+    overlaps = iou_matrix(pred[:, :4], gt)
     pred_recall, recall_list, proposal_list = np.zeros(len(pred)), np.zeros(len(gt)), np.ones(len(pred))
     for h in range(len(pred)):
         max_overlap, max_idx = overlaps[h].max(), overlaps[h].argmax()
@@ -67,7 +82,7 @@ def test_image_eval_ignored_and_duplicate():
     gt = np.array([[0, 0, 9, 9], [20, 0, 29, 9], [40, 0, 49, 9]], float)
     counted = np.array([True, True, False])
     pred = np.array([[0, 0, 9, 9, 0.9], [40, 0, 49, 9, 0.8], [1, 0, 9, 9, 0.7], [20, 0, 29, 9, 0.6]])
-    recall, proposal = ev.image_eval(pred, gt, counted)
+    recall, proposal = image_eval(pred, gt, counted)
     # ignored face -> no proposal (-1); duplicate on face 0 stays a proposal without new recall (FP)
     np.testing.assert_array_equal(proposal, [1, -1, 1, 1])
     np.testing.assert_array_equal(recall, [1, 1, 1, 2])
@@ -84,10 +99,10 @@ def test_vectorised_matches_official_loops():
         pred = np.concatenate([pred, np.column_stack([gt + rng.normal(0, 1, gt.shape), rng.random(6)])])
         pred = pred[np.argsort(-pred[:, 4], kind="stable")]
         want_recall, want_prop = official_image_eval(pred, gt, counted.astype(int))
-        recall, prop = ev.image_eval(pred, gt, counted)
+        recall, prop = image_eval(pred, gt, counted)
         np.testing.assert_array_equal(recall, want_recall)
         np.testing.assert_array_equal(prop, want_prop)
-        got = ev.img_pr_info(pred[:, 4], prop, recall, ev.wider_thresholds(1000))
+        got = img_pr_info(pred[:, 4], prop, recall, wider_thresholds(1000))
         np.testing.assert_array_equal(got, official_img_pr_info(1000, pred, want_prop, want_recall))
 
 
@@ -112,8 +127,8 @@ def test_two_image_ap_by_hand():
         "0--A/b.png": {"boxes": [[100, 100, 109, 109, 0.0]]},
         "0--A\\c": {"boxes": []},
     }
-    res = ev.evaluate_wider(pred, None, gt=gt)
-    for s in ev.WIDER_SETTINGS:
+    res = evaluate_wider(pred, None, gt=gt)
+    for s in WIDER_SETTINGS:
         assert res[s] == pytest.approx(5 / 12)
     assert res["images"] == 3 and res["split_images"] == 3
 
@@ -129,39 +144,39 @@ def test_score_ties_and_detections_without_gt():
         "1--B/x.jpg": {"boxes": [[0, 0, 19, 19, 1.0], [1, 1, 19, 19, 1.0]]},
         "1--B/empty.jpg": {"boxes": [[0, 0, 5, 5, 0.0]]},
     }
-    res = ev.evaluate_wider(pred, None, gt=gt)
+    res = evaluate_wider(pred, None, gt=gt)
     assert res["easy"] == pytest.approx(0.5)
     assert res["images"] == 2
 
 
 def test_voc_ap_envelope():
-    assert ev.voc_ap(np.array([0.5, 0.5, 1.0]), np.array([0.5, 1.0, 0.25])) == pytest.approx(
+    assert voc_ap(np.array([0.5, 0.5, 1.0]), np.array([0.5, 1.0, 0.25])) == pytest.approx(
         0.5 * 1.0 + 0.5 * 0.25
     )
 
 
 def test_wider_key_matching():
     assert (
-        ev.wider_key("/data/WIDER_val/images/0--Parade/0_Parade_Parade_0_102.jpg")
+        wider_key("/data/WIDER_val/images/0--Parade/0_Parade_Parade_0_102.jpg")
         == "0--Parade/0_Parade_Parade_0_102"
     )
-    assert ev.wider_key("x\\0--Parade\\0_Parade_Parade_0_102.JPG") == "0--Parade/0_Parade_Parade_0_102"
+    assert wider_key("x\\0--Parade\\0_Parade_Parade_0_102.JPG") == "0--Parade/0_Parade_Parade_0_102"
     gt = wider_gt({"0--A/a": ([[0, 0, 9, 9]], [0])})
-    with pytest.raises(ev.EvaluationError, match="0--A/zzz.jpg"):
-        ev.evaluate_wider({"0--A/zzz.jpg": {"boxes": []}}, None, gt=gt)
+    with pytest.raises(EvaluationError, match="0--A/zzz.jpg"):
+        evaluate_wider({"0--A/zzz.jpg": {"boxes": []}}, None, gt=gt)
 
 
 @pytest.fixture(scope="module")
 def wider_gt_dir(shared_data):
     path = shared_data / "wider_face" / "eval_tools" / "ground_truth"
     if not (path / "wider_face_val.mat").exists():
-        pytest.skip(f"WIDER FACE ground truth not found in {path}")
+        missing(f"WIDER FACE ground truth not found in {path}")
     return path
 
 
 def test_wider_facenet_pytorch_reference(shared_data, wider_gt_dir):
-    pred = ev.load_detections(shared_data / "reference" / "facenet_pytorch_wider_val.json")
-    res = ev.evaluate_wider(pred, wider_gt_dir)
+    pred = load_detections(shared_data / "reference" / "facenet_pytorch_wider_val.json")
+    res = evaluate_wider(pred, wider_gt_dir)
     assert (res["images"], res["split_images"]) == (293, 3226)
     assert res["easy"] == pytest.approx(0.840, abs=0.002)
     assert res["medium"] == pytest.approx(0.791, abs=0.002)
@@ -174,7 +189,7 @@ def test_wider_facenet_pytorch_reference(shared_data, wider_gt_dir):
 
 
 def test_circle_vs_bounding_square_is_pi_over_4():
-    overlap = ev.ellipse_rect_overlap(
+    overlap = ellipse_rect_overlap(
         np.array([200.0, 200.0, 0.0, 300.0, 300.0]), np.array([100.0, 100.0, 500.0, 500.0])
     )
     # pixel counting with the inclusive (+1) rectangle: pi r^2 / (2r + 1)^2, within 0.005 of pi / 4 at r = 200
@@ -183,27 +198,27 @@ def test_circle_vs_bounding_square_is_pi_over_4():
 
 def test_ellipse_angle_rotates_major_axis():
     upright = np.array([50.0, 20.0, math.pi / 2, 100.0, 100.0])
-    assert ev.ellipse_rect_overlap(upright, np.array([80.0, 50.0, 120.0, 150.0])) > 0.7
-    assert ev.ellipse_rect_overlap(upright, np.array([50.0, 80.0, 150.0, 120.0])) < 0.3
+    assert ellipse_rect_overlap(upright, np.array([80.0, 50.0, 120.0, 150.0])) > 0.7
+    assert ellipse_rect_overlap(upright, np.array([50.0, 80.0, 150.0, 120.0])) < 0.3
 
 
 def test_fddb_hungarian_maximises_total_overlap():
     # det 0 overlaps face 0 by 0.6 and face 1 by 0.55; det 1 overlaps only face 0 (0.52). Greedy would
     # take (0, 0) alone; the Hungarian matching takes (1, 0) + (0, 1): total 1.07, two discrete TPs.
     overlaps = np.array([[0.6, 0.52], [0.55, 0.0]])
-    thresholds, stats = ev.fddb_image_results(overlaps, np.array([0.9, 0.8]))
+    thresholds, stats = fddb_image_results(overlaps, np.array([0.9, 0.8]))
     np.testing.assert_array_equal(thresholds, [0.9, 0.8])
     np.testing.assert_allclose(stats, [[1, 0.6, 0], [2, 1.07, 0]])
 
 
 def test_fddb_continuous_counts_low_overlap_matches():
     # Results.cpp: a match with overlap <= 0.5 adds its overlap to TPCont but is an FP (not TPDisc).
-    _, stats = ev.fddb_image_results(np.array([[0.3]]), np.array([0.5]))
+    _, stats = fddb_image_results(np.array([[0.3]]), np.array([0.5]))
     np.testing.assert_allclose(stats, [[0, 0.3, 1]])
 
 
 def test_fddb_fixture_roc_by_hand():
-    res = ev.evaluate_fddb(ev.load_detections(FDDB_FIXTURE / "detections.json"), FDDB_FIXTURE)
+    res = evaluate_fddb(load_detections(FDDB_FIXTURE / "detections.json"), FDDB_FIXTURE)
     roc = res["roc"]
     np.testing.assert_array_equal(roc["thresholds"], [0.95, 0.9, 0.8, 0.7])
     np.testing.assert_array_equal(roc["fp"], [1, 1, 1, 2])
@@ -214,8 +229,8 @@ def test_fddb_fixture_roc_by_hand():
 
 
 def test_fddb_unknown_image():
-    with pytest.raises(ev.EvaluationError, match="img_999"):
-        ev.evaluate_fddb({"2002/08/11/big/img_999.jpg": {"boxes": []}}, FDDB_FIXTURE)
+    with pytest.raises(EvaluationError, match="img_999"):
+        evaluate_fddb({"2002/08/11/big/img_999.jpg": {"boxes": []}}, FDDB_FIXTURE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ def test_landmark_nme_by_hand():
         },
         "set/b.jpg": {"boxes": [[100, 100, 140, 130, 0.9]], "landmarks": [pts.tolist()]},
     }
-    res = ev.evaluate_landmarks(pred, _entries(), root="/root")
+    res = evaluate_landmarks(pred, _entries(), root="/root")
     assert (res["faces"], res["missed"], res["missed_images"]) == (2, 1, ["set/b.jpg"])
     assert res["inter_ocular"]["nme"] == pytest.approx(0.05)
     assert res["inter_ocular"]["per_point"] == pytest.approx([0.05] * 5)
@@ -253,7 +268,7 @@ def test_landmark_nme_by_hand():
 def test_read_landmark_lists(tmp_path):
     lfw = tmp_path / "list.txt"
     lfw.write_text("lfw_5590\\a.jpg 10 50 20 70 1 2 3 4 5 6 7 8 9 10\n")
-    (e,) = ev.read_landmark_list(lfw, "lfw")
+    (e,) = read_landmark_list(lfw, "lfw")
     assert e["path"] == "lfw_5590/a.jpg"
     np.testing.assert_array_equal(e["box"], [10, 20, 50, 70])
     np.testing.assert_array_equal(e["points"][1], [3, 4])
@@ -263,7 +278,7 @@ def test_read_landmark_lists(tmp_path):
         " leftmouth_x leftmouth_y rightmouth_x rightmouth_y\n000001.jpg 1 2 3 4 5 6 7 8 9 10\n"
     )
     boxes.write_text("1\nimage_id x_1 y_1 width height\n000001.jpg 95 71 226 313\n")
-    (e,) = ev.read_landmark_list(marks, "celeba", boxes)
+    (e,) = read_landmark_list(marks, "celeba", boxes)
     np.testing.assert_array_equal(e["box"], [95, 71, 321, 384])
     np.testing.assert_array_equal(e["points"][4], [9, 10])
 
@@ -285,15 +300,15 @@ def test_read_landmark_lists(tmp_path):
     ],
 )
 def test_bad_detections(raw, message):
-    with pytest.raises(ev.EvaluationError, match=message):
-        ev.validate_detections(raw)
+    with pytest.raises(EvaluationError, match=message):
+        validate_detections(raw)
 
 
 def test_malformed_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
-    with pytest.raises(ev.EvaluationError, match="malformed JSON"):
-        ev.load_detections(path)
+    with pytest.raises(EvaluationError, match="malformed JSON"):
+        load_detections(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +317,6 @@ def test_malformed_json(tmp_path):
 
 
 def test_plots_return_figures(tmp_path):
-    import matplotlib.pyplot as plt
-
     fig = visualize.plot_ced({"nme": [0.01, 0.05, np.inf]}, path=tmp_path / "ced.png")
     assert (tmp_path / "ced.png").stat().st_size > 0 and fig.axes
     plt.close(fig)
