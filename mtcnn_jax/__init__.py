@@ -6,9 +6,16 @@ light: each submodule, and the names below, load on first use.
 """
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The TFDS builders live in the repository's datasets/ folder and install as mtcnn_jax/datasets. Run
+# from a source checkout (this folder shadowing an installed copy), find them beside this folder.
+_HERE = Path(__file__).resolve().parent
+if not (_HERE / "datasets").is_dir() and (_HERE.parent / "datasets" / "__init__.py").is_file():
+    __path__.append(str(_HERE.parent))  # noqa: F821 (a package's __path__)
 
 _NAMES = {"init_params": "nets", "pnet": "nets", "rnet": "nets", "onet": "nets",
           "load_pretrained": "pretrained"}
