@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from mtcnn_jax import detect
-from mtcnn_jax.cascade import CascadeConfig, bucket_shape
+from mtcnn_jax.buckets import bucket_shape
+from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.images import IMAGE_SUFFIXES, load_image
 
 HERE = Path(__file__).resolve().parent
 PEERS_SHIM = "/work/shared/tools/peers/shim"
@@ -43,7 +45,7 @@ def reference_images() -> list[str]:
     folder = data / "reference"
     if not folder.is_dir():
         sys.exit(f"no reference photos at {folder} (set MTCNN_JAX_DATA or pass image paths)")
-    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in detect.IMAGE_SUFFIXES]
+    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def machine() -> dict[str, Any]:
@@ -72,7 +74,7 @@ def time_ours(paths: list[str], params: Any, config: CascadeConfig, runs: int) -
     """Per image {first_ms, median_ms, faces, size, bucket}, and per bucket the first call (compile + run) in s."""
     per_image, compile_s = {}, {}
     for path in paths:
-        img = detect.load_image(path)
+        img = load_image(path)
         bucket = bucket_shape(*img.shape[:2], config)
         run = lambda: detect.detect_loaded([img], [path], params, config)[0]  # noqa: E731
         first, det = _timed(run)
@@ -90,7 +92,7 @@ def throughput(paths: list[str], params: Any, config: CascadeConfig, runs: int,
     which compiles; then the median of `runs` calls)."""
     from PIL import Image
 
-    photos = [np.asarray(Image.fromarray(detect.load_image(p)).resize((640, 480))) for p in paths]
+    photos = [np.asarray(Image.fromarray(load_image(p)).resize((640, 480))) for p in paths]
     out = {}
     for b in batches:
         batch = [photos[i % len(photos)] for i in range(b)]

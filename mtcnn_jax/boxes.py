@@ -20,11 +20,17 @@ Array = Any  # np.ndarray or jax.Array
 
 
 def xp_of(*arrays: Array):
-    """The array module for the inputs: jax.numpy if any is a jax array (or tracer), else numpy."""
+    """The array module for the inputs: jax.numpy if any is a jax array (or tracer), else numpy.
+    Only looked up, never imported: numpy-only users (the sample workers) never load JAX."""
     jax = sys.modules.get("jax")
     if jax is not None and any(isinstance(a, jax.Array) for a in arrays):
         return jax.numpy
     return np
+
+
+def _lax():
+    """jax.lax, for jax inputs (JAX is then loaded already)."""
+    return sys.modules["jax"].lax
 
 
 def area(boxes_Nx4: Array) -> Array:
@@ -96,14 +102,13 @@ def _fixed_point(step, x0: Array, xp) -> Array:
         while not np.array_equal(prev, x):
             prev, x = x, step(x)
         return x
-    import jax
 
     def body(carry):
         x, _ = carry
         new = step(x)
         return new, xp.any(new != x)
 
-    return jax.lax.while_loop(lambda carry: carry[1], body, (x0, xp.asarray(True)))[0]
+    return _lax().while_loop(lambda carry: carry[1], body, (x0, xp.asarray(True)))[0]
 
 
 NMS_BLOCK = 256  # slots per block of `nms_fixed`: its largest intermediate is one block x block matrix
@@ -176,9 +181,7 @@ def _loop(lo, hi, body, x, xp):
         for i in range(int(lo), int(hi)):
             x = body(i, x)
         return x
-    import jax
-
-    return jax.lax.fori_loop(lo, hi, body, x)
+    return _lax().fori_loop(lo, hi, body, x)
 
 
 def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:
@@ -186,10 +189,8 @@ def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:
     first among equal keys), which is far cheaper than a full sort of a large P-Net map."""
     if xp is np:
         return rank_order(scores_K, mask_K)[:n]
-    import jax
-
     key_K = xp.where(mask_K, xp.asarray(scores_K, dtype=xp.float32), -xp.inf)
-    return jax.lax.top_k(key_K, n)[1]
+    return _lax().top_k(key_K, n)[1]
 
 
 def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> tuple:
@@ -239,6 +240,12 @@ def square(boxes_Nx4: Array) -> Array:
     x1 = b[..., 0] + w * 0.5 - side * 0.5
     y1 = b[..., 1] + h * 0.5 - side * 0.5
     return xp.stack([x1, y1, x1 + side, y1 + side], axis=-1)
+
+
+def refine(boxes_Nx4: Array, reg_Nx4: Array, plus_one: bool) -> Array:
+    """The boxes the next stage crops (detect_face.m after P-Net and after R-Net): regressed (`regress`,
+    without +1 after P-Net, with it after R-Net), squared (`square`) and truncated (`fix`)."""
+    return fix(square(regress(boxes_Nx4, reg_Nx4, plus_one)))
 
 
 def pnet_windows(rows: Array, cols: Array, scale: float, stride: int = 2, cell: int = 12) -> Array:

@@ -1,32 +1,66 @@
-"""Which bucket and batch size each image runs at, and compiling those ahead of the work.
+"""Which bucket and batch size each image runs at: the fixed shapes the jitted cascade is compiled for.
 
-Images are zero-padded into buckets whose sides come from a small ladder (`cascade.bucket_side`), and
-each bucket's images run in batches of a few fixed sizes (`batch_sizes`), so a folder of mixed sizes
-compiles a handful of shapes. `CompileAhead` compiles a planned folder's shapes on a background
-thread, in the order the work needs them, while the shapes already compiled run.
+Images are zero-padded into buckets whose sides come from a small ladder (`bucket_side`), and each
+bucket's images run in batches of a few fixed sizes (`batch_sizes`), so a folder of mixed sizes compiles
+a handful of shapes (`plan`). A bucket's stage capacities grow with its area (`bucket_capacities`).
+Compiling and running those shapes is `compiled.py`'s part.
 """
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+import math
+from typing import Sequence
 
 import jax
+import numpy as np
+from PIL import Image
 
-from mtcnn_jax import cascade
-from mtcnn_jax.cascade import CascadeConfig, bucket_shape
+from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.pyramid import pyramid_scales
 
 Bucket = tuple[int, int]
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+BUCKET_BASE = 128  # the smallest bucket side: P-Net's work on a smaller image is negligible
+
+
+def bucket_side(n: int, multiple: int = 0) -> int:
+    """The padded length of an image side of n pixels. multiple 0: the smallest side of the ladder
+    128, 192, 256, 384, 512, 768, 1024, ... (2^k and 1.5 * 2^k) that holds n: steps of 1.5 and 4/3
+    bound the padding and the number of shapes (11 sides up to 4096; 4:3 photos fit exactly).
+    multiple N > 0: n rounded up to a multiple of N (least padding, one shape per N pixels)."""
+    if multiple:
+        return max(math.ceil(n / multiple), 1) * multiple
+    side = BUCKET_BASE
+    while side < n:
+        side = side * 3 // 2 if side & (side - 1) == 0 else side * 4 // 3
+    return side
+
+
+def bucket_shape(h: int, w: int, config: CascadeConfig | None = None) -> tuple[int, int]:
+    """The padded (height, width) an image of size h x w is run at (`bucket_side` of each side)."""
+    multiple = (config or CascadeConfig()).bucket_multiple
+    return bucket_side(h, multiple), bucket_side(w, multiple)
+
+
+def bucket_capacities(config: CascadeConfig, hb: int, wb: int) -> tuple[int, int]:
+    """(window_capacity, pnet_capacity) for a bucket: the config's values, or derived from its area."""
+    auto = lambda per, least, most: min(max(least, -(-hb * wb // per // 256) * 256), most)  # noqa: E731
+    return config.window_capacity or auto(128, 1024, 16384), config.pnet_capacity or auto(512, 512, 4096)
+
+
+def pad_to_bucket(images: list[np.ndarray], bucket_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 HxWx3 images zero-padded (bottom/right) into one (B, Hb, Wb, 3) batch, and their real sizes
+    (B, 2): the inputs of `compiled.detect_bucket`."""
+    batch = np.zeros((len(images), *bucket_hw, 3), np.uint8)
+    for b, image in enumerate(images):
+        batch[b, : image.shape[0], : image.shape[1]] = image
+    return batch, np.array([image.shape[:2] for image in images], np.int32).reshape(-1, 2)
 
 
 def header_hw(path: str) -> tuple[int, int] | None:
     """An image file's (height, width) upright (EXIF orientation applied) from its header alone, without
     decoding the pixels; None when it cannot be opened (loading it later reports why)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -62,7 +96,7 @@ def plan(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig,
     first appearance. None, and images too small for one pyramid level, are left out."""
     groups: dict[Bucket, list[int]] = {}
     for i, hw in enumerate(sizes_hw):
-        if hw is not None and cascade.pyramid_scales(*hw, config.min_face_size, config.scale_factor):
+        if hw is not None and pyramid_scales(*hw, config.min_face_size, config.scale_factor):
             groups.setdefault(bucket_shape(*hw, config), []).append(i)
     batches = []
     for bucket, indices in groups.items():
@@ -72,46 +106,3 @@ def plan(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig,
             start += size
     return batches
 
-
-class CompileAhead:
-    """Compiles (bucket, batch size) shapes one after another on a background thread; `compiled_cascade`
-    hands a shape to whoever asks first, so detection waits only for shapes not compiled yet and never
-    compiles one twice. Failures are left for the detection of that shape to report. `on_change` gets
-    the number of shapes still to compile whenever it changes."""
-
-    def __init__(self, params: dict, shapes: Sequence[tuple[Bucket, int]], config: CascadeConfig,
-                 upto: str = "onet", on_change: Callable[[int], Any] | None = None):
-        unique = list(dict.fromkeys(shapes))
-        self._left, self._on_change = len(unique), on_change or (lambda n: None)
-        self._lock = threading.Lock()
-        self._on_change(self._left)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtcnn-compile")
-        for bucket, batch in unique:
-            self._pool.submit(self._compile, params, bucket, batch, config, upto)
-
-    def _compile(self, params: dict, bucket: Bucket, batch: int, config: CascadeConfig, upto: str) -> None:
-        try:
-            cascade.compiled_cascade(params, bucket, batch, config, upto)
-        except Exception:  # the detection that needs this shape compiles it again and reports the error
-            pass
-        finally:
-            with self._lock:
-                self._left -= 1
-                left = self._left
-            self._on_change(left)
-
-    @property
-    def pending(self) -> int:
-        """Shapes not compiled yet (queued or compiling)."""
-        with self._lock:
-            return self._left
-
-    def close(self) -> None:
-        """Drop the shapes not started; wait for the one compiling."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "CompileAhead":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -1,8 +1,9 @@
-"""Face detection on real images: loading and checking them, batching by size bucket, and the command line.
+"""Face detection on real images: `detect`, `detect_batch` and their `Detections`, and the command line.
 
-`detect(image)` and `detect_batch(images)` run the fixed-shape cascade (`cascade.detect_bucket`):
+`detect(image)` and `detect_batch(images)` run the fixed-shape cascade (`compiled.detect_bucket`):
 images are grouped by their padded bucket and run at a few fixed batch sizes, so only a few shapes
-are ever compiled. Bad inputs raise (or, in a batch, yield) an `ImageError` that names the image.
+are ever compiled. Bad inputs (`images.load_image`) raise (or, in a batch, yield) an `ImageError` that
+names the image.
 
 Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]`.
 """
@@ -20,19 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from mtcnn_jax import buckets, cascade, checkpoints, compile_cache
-from mtcnn_jax.cascade import CascadeConfig
+from mtcnn_jax import buckets, checkpoints, compile_cache, compiled, pretrained
+from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.images import IMAGE_SUFFIXES, ImageError, ImageSource, load_image
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
-
-MIN_SIDE = 12  # P-Net's window: nothing smaller can hold a face
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-ImageSource = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
-
-
-class ImageError(ValueError):
-    """An input that is not a usable 8-bit RGB image; the message names the image and the fix."""
+from mtcnn_jax.visualize import annotate_image
 
 
 class CapacityWarning(UserWarning):
@@ -58,98 +55,7 @@ class Detections:
         return {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist()}
 
 
-# ---------------------------------------------------------------------------------------------- images
-
-_MODE_HINTS = {
-    "1": "is black and white (mode '1')",
-    "L": "is grayscale (mode 'L')",
-    "LA": "is grayscale with alpha (mode 'LA')",
-    "RGBA": "has an alpha channel (mode 'RGBA')",
-    "P": "is a palette image (mode 'P')",
-    "PA": "is a palette image with alpha (mode 'PA')",
-    "I;16": "is 16-bit (mode 'I;16')",
-    "I;16B": "is 16-bit (mode 'I;16B')",
-    "I;16L": "is 16-bit (mode 'I;16L')",
-    "I": "is 32-bit integer (mode 'I')",
-    "F": "is 32-bit float (mode 'F')",
-}
-
-
-def _fail(name: str, problem: str, fix: str) -> ImageError:
-    """The one-line error: which image, what is wrong with it, what to do."""
-    return ImageError(f"{name}: {problem}; {fix}")
-
-
-def _from_pil(img: Any, name: str) -> np.ndarray:
-    """A PIL image as uint8 RGB, upright by its EXIF orientation; any other mode is an error with the fix."""
-    from PIL import ImageOps
-
-    if img.mode != "RGB":
-        problem = _MODE_HINTS.get(img.mode, f"has mode {img.mode!r}")
-        raise _fail(name, f"{problem}, MTCNN needs 8-bit RGB", 'convert it with `Image.convert("RGB")`')
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block: keep the pixels as stored
-        pass
-    return _check_array(np.asarray(img), name)
-
-
-def _open_path(path: Path, name: str) -> np.ndarray:
-    """Decode an image file fully (so truncation is caught here) into uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise _fail(name, "no such file", "check the path")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _from_pil(img, name)
-    except UnidentifiedImageError:
-        raise _fail(name, "not an image file PIL can read", "pass a JPEG, PNG, BMP or WebP") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, ImageError):
-            raise
-        raise _fail(name, f"could not be decoded ({err})", "the file is truncated or corrupt: re-export it") from None
-
-
-def _check_array(a: np.ndarray, name: str) -> np.ndarray:
-    """The array itself if it is a usable H x W x 3 uint8 image, else an ImageError saying what to do."""
-    if a.size == 0:
-        raise _fail(name, f"empty array of shape {a.shape}", "pass an H x W x 3 uint8 image")
-    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 1):
-        raise _fail(name, f"grayscale array of shape {a.shape}", "stack it to RGB: `np.repeat(a[..., None], 3, -1)`")
-    if a.ndim != 3:
-        raise _fail(name, f"{a.ndim}-D array of shape {a.shape}", "pass one H x W x 3 image (use detect_batch for many)")
-    if a.shape[-1] == 4:
-        raise _fail(name, "4 channels (RGBA)", 'drop the alpha: `a[..., :3]` or `Image.convert("RGB")`')
-    if a.shape[-1] != 3:
-        raise _fail(name, f"{a.shape[-1]} channels (shape {a.shape})", "pass H x W x 3 RGB")
-    if np.issubdtype(a.dtype, np.floating) and np.isnan(a).any():
-        raise _fail(name, "contains NaNs", "pass uint8 pixels 0-255")
-    if a.dtype != np.uint8:
-        depth = " (16-bit)" if a.dtype == np.uint16 else ""
-        raise _fail(name, f"dtype {a.dtype}{depth}, uint8 0-255 expected",
-                    "convert it, e.g. `(a * 255).round().astype(np.uint8)` for floats in 0-1")
-    if min(a.shape[:2]) < MIN_SIDE:
-        raise _fail(name, f"{a.shape[1]}x{a.shape[0]} pixels is under MTCNN's {MIN_SIDE}-pixel window",
-                    f"pass an image at least {MIN_SIDE} px on each side")
-    return np.ascontiguousarray(a)
-
-
-def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
-    """An image as uint8 (H, W, 3) RGB from a path, a PIL image or a numpy array; JPEGs are turned
-    upright by their EXIF orientation. Anything else raises an ImageError naming `name` (or the path)."""
-    from PIL import Image
-
-    if isinstance(source, (str, os.PathLike)):
-        return _open_path(Path(source), name or str(source))
-    name = name or "image"
-    if isinstance(source, Image.Image):
-        return _from_pil(source, name)
-    if isinstance(source, np.ndarray):
-        return _check_array(source, name)
-    raise _fail(name, f"got a {type(source).__name__}", "pass a path, a PIL image or an H x W x 3 uint8 numpy array")
-
+# ---------------------------------------------------------------------------------------------- inputs
 
 def _source_name(source: ImageSource, index: int) -> str:
     """How errors and warnings name an input of a batch: its path, else its index."""
@@ -161,18 +67,12 @@ def _source_name(source: ImageSource, index: int) -> str:
 @functools.lru_cache(maxsize=1)
 def _pretrained_on_device() -> dict[str, Any]:
     """The original weights, converted and put on the default device once per process."""
-    import jax
-
-    import mtcnn_jax
-
-    return jax.device_put(mtcnn_jax.load_pretrained())
+    return jax.device_put(pretrained.load_pretrained())
 
 
 def resolve_params(params: Any = None) -> dict[str, Any]:
     """The {"pnet", "rnet", "onet"} param tree to detect with: None -> the original weights (loaded once),
     a str/Path -> an Orbax cascade checkpoint directory, a dict -> itself (checked)."""
-    import jax
-
     if params is None:
         return _pretrained_on_device()
     if isinstance(params, (str, os.PathLike)):
@@ -219,8 +119,8 @@ def _slice(out: dict[str, Any], b: int) -> Detections:
 def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
                config: CascadeConfig) -> list[Detections]:
     """One detect_bucket call on `images` zero-padded into the bucket."""
-    images_BxHxWx3, sizes_Bx2 = cascade.pad_to_bucket(images, bucket)
-    out = cascade.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
+    images_BxHxWx3, sizes_Bx2 = buckets.pad_to_bucket(images, bucket)
+    out = compiled.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
     return [_slice(out, b) for b in range(len(images))]
 
 
@@ -321,8 +221,6 @@ def _draw_name(rel: str) -> str:
 
 
 def _write_drawing(out_dir: Path, rel: str, img: np.ndarray, det: Detections) -> None:
-    from mtcnn_jax.visualize import annotate_image
-
     target = out_dir / _draw_name(rel)
     target.parent.mkdir(parents=True, exist_ok=True)
     annotate_image(img, det).save(target, quality=92)  # PNG ignores the JPEG quality
@@ -402,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1.
     The buckets the files need are planned from their headers and compiled on a background thread while
     the buckets already compiled run."""
-    from tqdm import tqdm
-
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = make_config(None, args.min_face_size, args.scale_factor, args.thresholds)
@@ -421,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     batches, order = _work_order(files, cfg, args.batch_size)
     results: dict[str, Detections] = {}
     with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
-            buckets.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
+            compiled.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
                                  on_change=lambda n: bar.set_postfix_str(_compiling(n))):
         def report(line: str, err: bool = True) -> None:
             bar.write(line, file=sys.stderr if err else sys.stdout)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import cascade, checkpoints
+from mtcnn_jax import buckets, cascade_steps, checkpoints, compiled, crops, pyramid
+from mtcnn_jax.cascade_config import CascadeConfig
 
 PHOTOS = ["angelina_jolie.jpg", "ivan.jpg", "kate_siegel.jpg", "multiface.jpg", "no-faces.jpg", "paul_rudd.jpg",
           "shea_whigham.jpg"]
@@ -25,9 +26,9 @@ def photos(shared_data):
     return {name: np.asarray(Image.open(shared_data / "reference" / name).convert("RGB")) for name in PHOTOS}
 
 
-def run_fixed(params, images, bucket, config=cascade.CascadeConfig()):
+def run_fixed(params, images, bucket, config=CascadeConfig()):
     """Pad images into one bucket (bottom/right zeros) and run the jitted cascade."""
-    return cascade.detect_bucket(params, *cascade.pad_to_bucket(images, bucket), config)
+    return compiled.detect_bucket(params, *buckets.pad_to_bucket(images, bucket), config)
 
 
 def assert_same_detections(fixed, i, steps):
@@ -54,7 +55,7 @@ def photo_results(params, photos):
     """Every reference photo through both paths; the fixed path in ONE 2048x2048 bucket for all, so
     the small photos also show that padding never creates or changes a detection."""
     fixed = {name: run_fixed(params, [im], (2048, 2048)) for name, im in photos.items()}
-    steps = {name: cascade.detect_steps(params, photos[name]) for name in READABLE}
+    steps = {name: cascade_steps.detect_steps(params, photos[name]) for name in READABLE}
     return fixed, steps
 
 
@@ -111,7 +112,7 @@ def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photo
     shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
     assert shapes(trained) == shapes(params)
     run_fixed(params, [photos["angelina_jolie.jpg"]], (2048, 2048))  # the original weights in the 2048 bucket
-    compiled = compiles.count
+    count = compiles.count
     found = 0
     for name, faces in peer_faces(shared_data).items():
         ours = run_fixed(trained, [photos[name]], (2048, 2048))
@@ -121,7 +122,7 @@ def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photo
             assert iou >= 0.5, f"{name}: face {box} not found (best IoU {iou:.2f})"
             found += 1
     assert found == 11
-    assert compiles.count == compiled
+    assert compiles.count == count
 
 
 def test_random_images_mixed_sizes_in_one_batch(params):
@@ -133,11 +134,11 @@ def test_random_images_mixed_sizes_in_one_batch(params):
         return np.repeat(np.repeat(small, 6, 0), 6, 1)[:h, :w]
 
     images = [blocky(150, 131), blocky(97, 160), rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)]
-    config = cascade.CascadeConfig(thresholds=(0.2, 0.1, 0.05))  # let noise through every stage
+    config = CascadeConfig(thresholds=(0.2, 0.1, 0.05))  # let noise through every stage
     fixed = run_fixed(params, images, (192, 192), config)
     reached = np.zeros(3, int)
     for i, im in enumerate(images):
-        steps = cascade.detect_steps(params, im, config)
+        steps = cascade_steps.detect_steps(params, im, config)
         assert_same_detections(fixed, i, steps)
         reached += [len(steps[s]["scores"]) for s in ("pnet", "rnet", "onet")]
     assert (reached > 0).all()  # every stage had candidates: the comparison is not between empty results
@@ -156,9 +157,9 @@ def test_no_recompile_for_a_seen_bucket(params, compiles):
 
 def test_overflow_is_counted_not_hidden(params, photos):
     im = photos["multiface.jpg"]
-    small = cascade.CascadeConfig(window_capacity=256, pnet_capacity=32, rnet_capacity=32, max_faces=4)
-    out = run_fixed(params, [im], cascade.bucket_shape(*im.shape[:2]), small)
-    steps = cascade.detect_steps(params, im)
+    small = CascadeConfig(window_capacity=256, pnet_capacity=32, rnet_capacity=32, max_faces=4)
+    out = run_fixed(params, [im], buckets.bucket_shape(*im.shape[:2]), small)
+    steps = cascade_steps.detect_steps(params, im)
     above = sum(level["n_above_threshold"] for level in steps["pnet_levels"])
     assert int(out["overflow"]["window"][0]) == above - 256
     assert int(out["overflow"]["pnet"][0]) > 0 and int(out["overflow"]["faces"][0]) >= 2
@@ -167,52 +168,52 @@ def test_overflow_is_counted_not_hidden(params, photos):
 
 def test_bad_bucket_inputs_are_refused(params):
     with pytest.raises(ValueError, match="fit the bucket"):
-        cascade.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[80, 64]]))
+        compiled.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[80, 64]]))
     with pytest.raises(ValueError, match=">= 12"):
-        cascade.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[11, 64]]))
+        compiled.detect_bucket(params, np.zeros((1, 64, 64, 3), np.uint8), np.array([[11, 64]]))
 
 
 def test_pyramid_plan_matches_detect_face_m():
     # 561 x 561, minsize 20: m = 0.6, levels while 561 * 0.6 * 0.709^k >= 12 -> k = 0..9
-    scales = cascade.pyramid_scales(561, 561, 20, 0.709)
+    scales = pyramid.pyramid_scales(561, 561, 20, 0.709)
     assert len(scales) == 10 and scales[0] == pytest.approx(0.6) and scales[-1] == pytest.approx(0.6 * 0.709**9)
-    assert cascade.level_sizes(561, 561, scales)[:2].tolist() == [[337, 337], [239, 239]]  # ceil(336.6), ceil(238.65)
-    assert cascade.pnet_map_size(np.array([12, 13, 14, 337])).tolist() == [1, 2, 2, 164]
+    assert pyramid.level_sizes(561, 561, scales)[:2].tolist() == [[337, 337], [239, 239]]  # ceil(336.6), ceil(238.65)
+    assert pyramid.pnet_map_size(np.array([12, 13, 14, 337])).tolist() == [1, 2, 2, 164]
 
 
 def test_resample_taps_area_and_bilinear():
     # Shrinking 4 -> 2: each output averages two source pixels.
-    idx, w = cascade.resample_taps(0.0, 4.0, 2.0, 2, 3)
+    idx, w = pyramid.resample_taps(0.0, 4.0, 2.0, 2, 3)
     np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(4))).sum(1), [[.5, .5, 0, 0], [0, 0, .5, .5]])
     # Shrinking 3 -> 2: footprints of 1.5 pixels, weights 2/3 and 1/3.
-    idx, w = cascade.resample_taps(0.0, 3.0, 2.0, 2, 3)
+    idx, w = pyramid.resample_taps(0.0, 3.0, 2.0, 2, 3)
     np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(3))).sum(1), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]], atol=1e-6)
     # Enlarging 2 -> 4: half-pixel centres at -0.25, 0.25, 0.75, 1.25, clamped to the interval.
-    idx, w = cascade.resample_taps(0.0, 2.0, 4.0, 4, 3)
+    idx, w = pyramid.resample_taps(0.0, 2.0, 4.0, 4, 3)
     np.testing.assert_allclose((w[:, :, None] * (idx[:, :, None] == np.arange(2))).sum(1), [[1, 0], [.75, .25], [.25, .75], [0, 1]])
     # Past out_len nothing is sampled.
-    _, w = cascade.resample_taps(0.0, 4.0, 2.0, 3, 3)
+    _, w = pyramid.resample_taps(0.0, 4.0, 2.0, 3, 3)
     assert w[2].sum() == 0
 
 
 def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
     """A fixed 1-based box crops exactly pixels x1-1..x2-1 (pad.m), zero where it leaves the image."""
     image = np.random.default_rng(2).uniform(0, 255, (60, 50, 3)).astype(np.float32)
-    src = cascade.crop_sources(image, np.array([60, 50]), 1)
+    src = crops.crop_sources(image, np.array([60, 50]), 1)
     assert src.atlas.shape[:2] == (100, 100)  # padded once to O-Net's window (48 * 2 + 4), not per read
-    inside = cascade.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24)[0]  # 24 x 24 pixels
+    inside = crops.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24)[0]  # 24 x 24 pixels
     np.testing.assert_allclose(inside, image[20:44, 10:34], atol=1e-4)
-    corner = cascade.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
+    corner = crops.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
     np.testing.assert_allclose(corner[:12], 0.0)
     np.testing.assert_allclose(corner[12:, 12:], image[:12, :12], atol=1e-4)
-    onet = cascade.crop_patches(src, np.array([[1.0, 1.0, 48.0, 48.0]]), 48)[0]  # O-Net's 48 from the image
+    onet = crops.crop_patches(src, np.array([[1.0, 1.0, 48.0, 48.0]]), 48)[0]  # O-Net's 48 from the image
     np.testing.assert_allclose(onet, image[:48, :48], atol=1e-3)
 
 
 def test_crop_of_a_box_twice_the_output_reads_the_exact_2x2_mip():
     """A 48-pixel box cropped to 24 comes from mip 1: each crop pixel is the mean of its 2 x 2 image pixels."""
     image = np.random.default_rng(3).uniform(0, 255, (90, 80, 3)).astype(np.float32)
-    src = cascade.crop_sources(image, np.array([90, 80]), cascade.crop_mips(90, 80))
-    crop = cascade.crop_patches(src, np.array([[11.0, 21.0, 58.0, 68.0]]), 24)[0]
+    src = crops.crop_sources(image, np.array([90, 80]), crops.crop_mips(90, 80))
+    crop = crops.crop_patches(src, np.array([[11.0, 21.0, 58.0, 68.0]]), 24)[0]
     expected = image[20:68, 10:58].reshape(24, 2, 24, 2, 3).mean(axis=(1, 3))
     np.testing.assert_allclose(crop, expected, atol=1e-3)

@@ -16,8 +16,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtcnn_jax import buckets, cascade, compile_cache, nets
-from mtcnn_jax.cascade import CascadeConfig
+from mtcnn_jax import buckets, compile_cache, compiled, nets
+from mtcnn_jax.cascade_config import CascadeConfig
 
 LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -25,24 +25,24 @@ LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 # ---- the ladder and the batch plan ----------------------------------------------------------------
 
 def test_ladder_sides():
-    sides = sorted({cascade.bucket_side(n) for n in range(1, 4097)})
+    sides = sorted({buckets.bucket_side(n) for n in range(1, 4097)})
     assert tuple(sides) == LADDER  # 11 sides: at most 121 bucket shapes up to 4096 x 4096
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 6000), st.integers(1, 6000))
 def test_bucket_holds_the_image_with_bounded_padding(h, w):
-    hb, wb = cascade.bucket_shape(h, w)
+    hb, wb = buckets.bucket_shape(h, w)
     assert hb >= h and wb >= w
     for n, side in ((h, hb), (w, wb)):
         assert side == max(n, 128) or side < 1.5 * n  # at most 1.5x per side (2.25x in area)
-        assert cascade.bucket_side(side) == side  # a bucket is its own bucket
+        assert buckets.bucket_side(side) == side  # a bucket is its own bucket
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 3000), st.integers(1, 512))
 def test_bucket_multiple_rounds_up(n, multiple):
-    side = cascade.bucket_side(n, multiple)
+    side = buckets.bucket_side(n, multiple)
     assert side % multiple == 0 and n <= side < n + multiple
 
 
@@ -91,14 +91,14 @@ PROCESS = textwrap.dedent("""
             counts["misses"] += 1
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     jax.monitoring.register_event_listener(on_event)
-    from mtcnn_jax import cascade, nets
+    from mtcnn_jax import buckets, compiled, nets
     rng = np.random.default_rng(0)  # random params without compiling an initialiser
     shapes = jax.eval_shape(lambda: nets.init_params(jax.random.key(0)))
     params = jax.tree_util.tree_map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
     image = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)
     counts.update(compiles=0, hits=0, misses=0)  # from the detection on
     # P-Net's part of the cascade (with its NMS): the same machinery as the whole, at half the compile
-    out = cascade.detect_bucket(params, *cascade.pad_to_bucket([image], (128, 128)), upto="pnet")
+    out = compiled.detect_bucket(params, *buckets.pad_to_bucket([image], (128, 128)), upto="pnet")
     print(json.dumps({**counts, "scores": np.asarray(out["scores"]).tolist()}))
 """)
 
@@ -150,12 +150,12 @@ def test_compile_ahead_leaves_nothing_to_compile(compiles):
     config = CascadeConfig(thresholds=(0.5, 0.5, 0.5), min_face_size=40)  # a config no other test compiles
     seen = []
     shapes = [((128, 192), 1), ((128, 192), 1)]
-    with buckets.CompileAhead(params, shapes, config, upto="pnet", on_change=seen.append) as ahead:
+    with compiled.CompileAhead(params, shapes, config, upto="pnet", on_change=seen.append) as ahead:
         pass
     assert ahead.pending == 0 and seen[0] == 1 and seen[-1] == 0  # the duplicate shape compiles once
     before = compiles.count
     image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
-    cascade.detect_bucket(params, *cascade.pad_to_bucket([image], (128, 192)), config, upto="pnet")
+    compiled.detect_bucket(params, *buckets.pad_to_bucket([image], (128, 192)), config, upto="pnet")
     assert compiles.count == before
 
 
@@ -172,18 +172,18 @@ def test_cuda_lowering_stays_within_a_memory_bound():
     64 x 3072 x 3072 floats, 2.3 GiB), and no CPU-only convolution forms."""
     params = jax.eval_shape(lambda: nets.init_params(jax.random.key(0)))
     config = CascadeConfig()
-    bucket = cascade.bucket_shape(480, 640, config)
-    exp = cascade.export_cascade(params, bucket, 64, config, platforms=["cuda"])
+    bucket = buckets.bucket_shape(480, 640, config)
+    exp = compiled.export_cascade(params, bucket, 64, config, platforms=["cuda"])
     assert exp.platforms == ("cuda",)
     text = exp.mlir_module()
     types = set(re.findall(r"tensor<([0-9x]+)x([a-z]+[0-9]+)>", text))
     assert types
     biggest = max(int(np.prod([int(d) for d in dims.split("x")])) * _BYTES[dtype] for dims, dtype in types)
     assert biggest <= BUFFER_BOUND, f"largest buffer {biggest / 2**20:.0f} MiB"
-    window_capacity, pnet_capacity = cascade.bucket_capacities(config, *bucket)
+    window_capacity, pnet_capacity = buckets.bucket_capacities(config, *bucket)
     for k in {window_capacity, pnet_capacity, config.rnet_capacity, config.max_faces}:
         assert not any(re.search(rf"(^|x){k}x{k}(x|$)", dims) for dims, _ in types), k
     # P-Net's conv3 as one XLA convolution (CPU splits it in groups of 16 output channels)
     assert text.count("stablehlo.convolution") == text.count("stablehlo.convolution") > 0
-    cpu = cascade.export_cascade(params, bucket, 1, config, platforms=["cpu"]).mlir_module()
+    cpu = compiled.export_cascade(params, bucket, 1, config, platforms=["cpu"]).mlir_module()
     assert cpu.count("stablehlo.convolution") > text.count("stablehlo.convolution")

@@ -11,9 +11,10 @@ from PIL import Image
 
 import mtcnn_jax
 from conftest import missing
-from mtcnn_jax import cascade, detect
-from mtcnn_jax.cascade import CascadeConfig
-from mtcnn_jax.detect import CapacityWarning, Detections, ImageError
+from mtcnn_jax import buckets, compiled, detect
+from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.detect import CapacityWarning, Detections
+from mtcnn_jax.images import ImageError, load_image
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -66,7 +67,7 @@ def test_bad_input_raises_image_error_naming_it(tmp_path, case):
     make, expected = BAD_INPUTS[case]
     source = make(tmp_path)
     with pytest.raises(ImageError) as info:
-        detect.load_image(source, None if isinstance(source, str) else "my_input")
+        load_image(source, None if isinstance(source, str) else "my_input")
     message = str(info.value)
     assert expected in message
     assert (source if isinstance(source, str) else "my_input") in message
@@ -78,23 +79,23 @@ def test_load_image_sources_agree_and_exif_orientation_applied(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(a).save(path)
     for source in (a, Image.fromarray(a), path, str(path)):
-        np.testing.assert_array_equal(detect.load_image(source), a)
+        np.testing.assert_array_equal(load_image(source), a)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: to be rotated 90 degrees clockwise for display
     jpg = tmp_path / "rotated.jpg"
     Image.fromarray(a).save(jpg, exif=exif, quality=95)
-    assert detect.load_image(jpg).shape == (50, 30, 3)
+    assert load_image(jpg).shape == (50, 30, 3)
 
 
 # ---------------------------------------------------------------------------------------------- fake cascade
 
 def fake_bucket(calls, overflow_for=None):
-    """A stand-in for cascade.detect_bucket: per image one face at its top-left quarter, score from its width."""
+    """A stand-in for compiled.detect_bucket: per image one face at its top-left quarter, score from its width."""
 
     def run(params, images_BxHxWx3, sizes_Bx2, config):
         B, Hb, Wb, _ = images_BxHxWx3.shape
         calls.append((B, Hb, Wb))
-        assert (Hb, Wb) == cascade.bucket_shape(Hb, Wb, config)  # a bucket of the ladder
+        assert (Hb, Wb) == buckets.bucket_shape(Hb, Wb, config)  # a bucket of the ladder
         assert (sizes_Bx2 >= 12).all() and (sizes_Bx2[:, 0] <= Hb).all() and (sizes_Bx2[:, 1] <= Wb).all()
         F = 3
         boxes = np.zeros((B, F, 4), np.float32)
@@ -118,7 +119,7 @@ FAKE_PARAMS = {"pnet": {}, "rnet": {}, "onet": {}}
 
 def test_detect_batch_keeps_going_past_a_bad_image(monkeypatch):
     calls = []
-    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket(calls), raising=False)
     images = [rgb(40, 50), rgb(8, 8), rgb(100, 70), np.zeros((20, 30, 3), np.float32), rgb(45, 60)]
     out = detect.detect_batch(images, FAKE_PARAMS, batch_size=4)
     assert [type(r).__name__ for r in out] == ["Detections", "ImageError", "Detections", "ImageError", "Detections"]
@@ -133,7 +134,7 @@ def test_detect_batch_keeps_going_past_a_bad_image(monkeypatch):
 
 def test_batches_use_fixed_sizes(monkeypatch):
     calls = []
-    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket(calls), raising=False)
     out = detect.detect_batch([rgb(30 + i, 40) for i in range(11)], FAKE_PARAMS, batch_size=4)
     assert len(out) == 11 and all(isinstance(r, Detections) for r in out)
     assert calls == [(4, 128, 128)] * 2 + [(2, 128, 128), (1, 128, 128)]  # 11 = 4 + 4 + 2 + 1
@@ -141,14 +142,14 @@ def test_batches_use_fixed_sizes(monkeypatch):
 
 
 def test_no_face_gives_empty_arrays_of_the_right_shapes(monkeypatch):
-    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket([]), raising=False)
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket([]), raising=False)
     det = detect.detect(np.zeros((40, 40, 3), np.uint8), FAKE_PARAMS)
     assert det.boxes.shape == (0, 4) and det.scores.shape == (0,) and det.landmarks.shape == (0, 5, 2)
     assert len(det) == 0 and det.to_json() == {"boxes": [], "landmarks": []}
 
 
 def test_overflow_warns_naming_image_and_stage(monkeypatch):
-    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket([], overflow_for=70), raising=False)
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket([], overflow_for=70), raising=False)
     with pytest.warns(CapacityWarning, match=r"images\[1\]: 7 candidates dropped at stage 'rnet'") as record:
         out = detect.detect_batch([rgb(40, 50), rgb(40, 70)], FAKE_PARAMS)
     assert len(record) == 1 and "raise CascadeConfig.rnet_capacity (--rnet-capacity)" in str(record[0].message)
@@ -157,7 +158,7 @@ def test_overflow_warns_naming_image_and_stage(monkeypatch):
 
 def test_image_smaller_than_min_face_size_needs_no_run(monkeypatch):
     calls = []
-    monkeypatch.setattr(cascade, "detect_bucket", fake_bucket(calls), raising=False)
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket(calls), raising=False)
     det = detect.detect(rgb(30, 30), FAKE_PARAMS, min_face_size=40)
     assert len(det) == 0 and det.boxes.shape == (0, 4) and calls == []
 
@@ -227,7 +228,7 @@ def reference(shared_data):
 
 def test_end_to_end_batch_with_bad_image_and_flat_grey(reference):
     # a 180x240 crop around the face: the 192x256 bucket of no-faces.jpg, so the CLI test reuses the compile
-    face = detect.load_image(reference / "ivan.jpg")[40:220, 200:440]
+    face = load_image(reference / "ivan.jpg")[40:220, 200:440]
     grey = np.full(face.shape, 128, np.uint8)
     out = detect.detect_batch([face, np.zeros((5, 5, 3), np.uint8), grey], batch_size=2)
     assert isinstance(out[1], ImageError) and "images[1]" in str(out[1])
