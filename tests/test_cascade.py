@@ -105,7 +105,7 @@ def test_matches_facenet_pytorch_on_photos(photo_results, shared_data):
 
 def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photos, shared_data, photo_results,
                                                                   compiles):
-    """checkpoints/wider_subset (README: "A cascade trained here") has the original's param trees, runs in the
+    """checkpoints/wider_subset (README: "The cascade trained here") has the original's param trees, runs in the
     bucket the original weights compiled (params are arguments: no recompile), and finds each of the 11 faces
     the peer reports at score >= 0.9 at IoU >= 0.5 (WIDER's match), with no capacity overflow."""
     trained = checkpoints.load_cascade(Path(__file__).resolve().parents[1] / "checkpoints" / "wider_subset")
