@@ -2,18 +2,18 @@
 
 Manual directory: `WIDER_{train,val}/images/<event>/<file>.jpg` and
 `wider_face_split/wider_face_{train,val}_bbx_gt.txt`. Boxes become x1, y1, x2 = x + w, y2 = y + h (as the
-official evaluation's get_gt_boxes); all six attributes are kept. Built without TensorFlow (array_record).
+official evaluation's get_gt_boxes); all six attributes are kept. Built without TensorFlow (array_record),
+records in the order of the ground-truth list.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mtcnn_jax.datasets.common import ManualBuilder, image_readable
+from mtcnn_jax.datasets.common import ManualBuilder, Skipped, image_readable
 
 ATTRIBUTES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 SPLITS = {"train": "train", "validation": "val"}
@@ -40,17 +40,29 @@ def read_wider_gt(path: str | Path) -> list[dict]:
     return entries
 
 
+def image_dir(manual_dir: str | Path, split: str) -> Path:
+    """The image folder of one split ("train" or "val") of the official layout."""
+    return Path(manual_dir) / f"WIDER_{split}" / "images"
+
+
+def gt_path(manual_dir: str | Path, split: str) -> Path:
+    """The ground-truth list of one split ("train" or "val") of the official layout."""
+    return Path(manual_dir) / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt"
+
+
 def wider_split(manual_dir: str | Path, split: str) -> tuple[Path, list[dict]]:
     """The image folder and ground truth of one split ("train" or "val") of the official layout."""
-    root = Path(manual_dir)
-    return root / f"WIDER_{split}" / "images", read_wider_gt(root / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt")
+    return image_dir(manual_dir, split), read_wider_gt(gt_path(manual_dir, split))
 
 
 class WiderFace(ManualBuilder):
-    """WIDER FACE train and validation splits; `max_images` keeps the first N images of each (tests)."""
+    """WIDER FACE train and validation splits, each built when its ground-truth list is in the manual
+    directory (training needs WIDER_train only); `max_images` keeps the first N images of each (tests)."""
 
     name = "mtcnn_wider_face"  # TFDS's own "wider_face" downloads; this one reads the manual layout
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records in list order, written shard by shard; skipped inputs in the metadata.",
+                     "1.0.0": "Records shuffled by TFDS."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Place WIDER_train/, WIDER_val/ and wider_face_split/ (official layout) "
                                     "in the manual directory.")
 
@@ -64,16 +76,18 @@ class WiderFace(ManualBuilder):
                 "image/filename": tfds.features.Text(),
                 "faces": tfds.features.Sequence(face),
             }),
-            homepage="http://shuoyang1213.me/WIDERFACE/")
+            homepage="http://shuoyang1213.me/WIDERFACE/", disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
-    def _split_generators(self, dl_manager):
-        return {name: self._generate_examples(*wider_split(dl_manager.manual_dir, split))
-                for name, split in SPLITS.items()}
+    def _inputs(self, manual_dir: Path) -> dict[str, tuple[Path, list[dict]]]:
+        present = {name: split for name, split in SPLITS.items() if gt_path(manual_dir, split).is_file()}
+        if not present:
+            raise FileNotFoundError(f"no WIDER FACE ground truth in {manual_dir}: expected "
+                                    f"{gt_path(manual_dir, 'train')} (official layout)")
+        return {name: wider_split(manual_dir, split) for name, split in present.items()}
 
-    def _generate_examples(self, image_dir: Path, entries: list[dict]) -> Iterator[tuple[str, dict]]:
-        for entry in entries[: self.max_images]:
-            path = image_dir / entry["path"]
-            if not image_readable(path, self.skipped):
-                continue
-            faces = {"box": entry["boxes"], **{a: entry[a] for a in ATTRIBUTES}}
-            yield entry["path"], {"image": path, "image/filename": entry["path"], "faces": faces}
+    def _example(self, image_dir: Path, entry: dict, skipped: Skipped) -> dict | None:
+        path = image_dir / entry["path"]
+        if not image_readable(path, skipped):
+            return None
+        faces = {"box": entry["boxes"], **{a: entry[a] for a in ATTRIBUTES}}
+        return {"image": path, "image/filename": entry["path"], "faces": faces}

@@ -1,17 +1,21 @@
-"""Per-stage training samples (Zhang et al. 2016, Sec. II-C and III-A) written as a TFDS array_record dataset.
+"""Per-stage training samples (Zhang et al. 2016, Sec. II-C and III-A), from the TFDS datasets of WIDER FACE
+and a landmark set to a TFDS sample set.
 
 P-Net (12 px): random crops of WIDER FACE training images. R-Net (24 px) and O-Net (48 px): the earlier
-stages' detections on the same images (hard examples). Every crop is labelled by its best IoU with the
-ground truth: negative < 0.3, part 0.4-0.65, positive > 0.65 (0.3-0.4 unused). Landmark samples are
-jittered crops around a landmark set's faces. Types are mixed 3 : 1 : 1 : 2 (neg : pos : part : landmark).
-
-Each record keeps its provenance ("source" image, "crop" box in its pixels, "flipped") so that any label
-can be audited. Per-image seeds come from (seed, image index), so results do not depend on scheduling.
+stages' detections on the same images (hard examples, sample_mining). Crops are labelled by IoU
+(sample_geometry) and cut by worker processes (sample_worker); types are mixed 3 : 1 : 1 : 2 (neg : pos :
+part : landmark) and the kept samples written as the TFDS dataset mtcnn_samples/<stage> under --out
+(datasets.MtcnnSamples; read it back with `mtcnn_jax.datasets.load_samples`). Each record keeps its
+provenance ("source" image, "crop" box in its pixels, "flipped") so that any label can be audited.
 
     python -m mtcnn_jax.samples {pnet,rnet,onet} --wider DIR --landmarks DIR --out DIR [--weights CKPT]
-        [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2] [--min-face 20] [--face-jitters 0]
-        [--square-faces]
+        [--tfds-dir DIR] [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2] [--min-face 20]
+        [--face-jitters 0] [--square-faces]
 
+The WIDER FACE folder (official layout) and the landmark folder (LFW+Net's trainImageList.txt, else
+CelebA's lists) are read through their TFDS builders (datasets.WiderFace, LfwNet, CelebaWild): each is
+built once into --tfds-dir (default: ~/.cache/mtcnn_jax/tfds), in a folder of its own per source folder,
+and read again by later runs and the other stages (delete that folder after changing the source's files).
 `--face-jitters N` adds N jittered crops around every face to the R-/O-Net detections (more positives and
 part faces than the earlier stages find on a small set); `--min-face` is the smallest face or detection
 cropped (12 lets R-/O-Net see the small candidates they meet at inference); `--square-faces` labels
@@ -21,367 +25,102 @@ crops by IoU with each face's square, so that narrow faces can be positives too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from mtcnn_jax import boxes as bx
-from mtcnn_jax import stages
+# TFDS (mtcnn_jax.datasets) and JAX (mtcnn_jax.sample_mining, compile_cache, pretrained) are reached through
+# the lazy package, not imported here: a spawned sample worker imports the CLI's module as its __main__ and
+# must start light (numpy and PIL only).
+import mtcnn_jax
+from mtcnn_jax.sample_geometry import SampleConfig, select
+from mtcnn_jax.sample_worker import run_job
 from mtcnn_jax.stages import INPUT_SIZE, LABEL
 from mtcnn_jax.stages import SAMPLE_TYPES as TYPES
 
-UNUSED = 9  # IoU in 0.3-0.4: neither negative nor part, not written
-FLIP_POINTS = np.array(stages.FLIP_POINTS)
+WINDOW = 256  # images whose bytes are read and handed to the workers at a time (at least 16 per worker)
 
 
 class SamplesError(ValueError):
     """No samples could be made (all inputs skipped, or nothing labelled): nothing is written."""
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    """How samples are drawn; the defaults are the most used public pipeline's recipe."""
-
-    stage: str = "pnet"
-    ratio: tuple[float, float, float, float] = (3, 1, 1, 2)  # negative : positive : part : landmark
-    seed: int = 0
-    negatives_per_image: int = 50  # random crops, side in [12, min(w, h) / 2]
-    negatives_near_face: int = 5  # per face, overlapping it in x or y
-    jitters_per_face: int = 20  # positive / part candidates around each face
-    hard_face_jitters: int = 0  # R-/O-Net: as many jittered crops around each face, added to the detections
-    landmark_jitters: int = 10  # per landmark face, besides its own box
-    min_face: int = 20  # faces (and detections) smaller than this are not cropped around
-    flip_prob: float = 0.5  # positives and landmark samples
-    iou_negative: float = 0.3
-    iou_part: float = 0.4
-    iou_positive: float = 0.65
-    square_faces: bool = False  # label by IoU with the squared face box (the cascade shows the nets squares)
-
-    @property
-    def size(self) -> int:
-        return INPUT_SIZE[self.stage]
-
-
-# ----------------------------------------------------------------------------------------- targets
-
-def sides(crops_Nx4: np.ndarray) -> np.ndarray:
-    """Crop sides: crops are square, x1, y1, x2 = x1 + side, y2 = y1 + side in source pixels."""
-    return crops_Nx4[:, 2] - crops_Nx4[:, 0]
-
-
-def pixel_spans(boxes_Nx4: np.ndarray) -> np.ndarray:
-    """1-based inclusive boxes (x1..x2 is x2 - x1 + 1 pixels wide) as the pixel spans crops are cut from, x1 - 1
-    to x2 (end exclusive). The cascade's boxes are 1-based (detect_face.m) and WIDER's ground truth is compared
-    with them as it is (the official evaluation), so faces go through here too: targets from the raw numbers
-    teach the nets to put x1 and y1 one pixel right of and below the face."""
-    b = np.asarray(boxes_Nx4, np.float64).reshape(-1, 4)
-    return np.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], axis=1)
-
-
-def box_targets(crops_Nx4: np.ndarray, gt_Nx4: np.ndarray) -> np.ndarray:
-    """Box regression targets: offsets normalised by the crop size, ((gt_x1 - crop_x1) / side, ...)."""
-    return ((gt_Nx4 - crops_Nx4) / sides(crops_Nx4)[:, None]).astype(np.float32)
-
-
-def landmark_targets(crops_Nx4: np.ndarray, points_Nx5x2: np.ndarray) -> np.ndarray:
-    """Landmarks relative to the crop, (x - crop_x1) / side and (y - crop_y1) / side, as x1..x5, y1..y5."""
-    rel_Nx5x2 = (points_Nx5x2 - crops_Nx4[:, None, :2]) / sides(crops_Nx4)[:, None, None]
-    return np.concatenate([rel_Nx5x2[..., 0], rel_Nx5x2[..., 1]], axis=1).astype(np.float32)
-
-
-def flip_targets(box_Nx4: np.ndarray, landmarks_Nx10: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Targets of horizontally mirrored crops: dx1' = -dx2, dx2' = -dx1; x' = 1 - x with left/right swapped."""
-    box = box_Nx4[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32)
-    xs, ys = 1 - landmarks_Nx10[:, :5], landmarks_Nx10[:, 5:]
-    return box, np.concatenate([xs[:, FLIP_POINTS], ys[:, FLIP_POINTS]], axis=1).astype(np.float32)
-
-
-def iou_labels(iou_N: np.ndarray, cfg: SampleConfig) -> np.ndarray:
-    """Sample labels from the best IoU with any face: 0 negative, 1 positive, -1 part, UNUSED in between."""
-    label = np.full(iou_N.shape, UNUSED, np.int32)
-    label[iou_N < cfg.iou_negative] = LABEL["negative"]
-    label[(iou_N >= cfg.iou_part) & (iou_N <= cfg.iou_positive)] = LABEL["part"]
-    label[iou_N > cfg.iou_positive] = LABEL["positive"]
-    return label
-
-
-def specs(label, crop, box, landmarks=None, flipped=None) -> dict[str, np.ndarray]:
-    """A table of samples (no pixels): label_N, crop_Nx4, box_Nx4, landmarks_Nx10, flipped_N."""
-    n = len(label)
-    return {"label": np.asarray(label, np.int32), "crop": np.asarray(crop, np.float32).reshape(n, 4),
-            "box": np.asarray(box, np.float32).reshape(n, 4),
-            "landmarks": np.zeros((n, 10), np.float32) if landmarks is None else np.asarray(landmarks, np.float32),
-            "flipped": np.zeros(n, bool) if flipped is None else np.asarray(flipped, bool)}
-
-
-def select(table: dict[str, np.ndarray], mask_N: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows of a sample table where mask_N is set."""
-    return {k: v[mask_N] for k, v in table.items()}
-
-
-def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """Label crops (pixel spans) by their best IoU with the faces (1-based boxes, `pixel_spans`); box targets
-    from that face.
-
-    With `cfg.square_faces` the IoU is taken with each face's square (bx.square), the box targets still
-    with the face: a square crop's IoU with a face box is at most the box's aspect ratio, so without it a face
-    narrower than `iou_positive` of its height can never give a positive.
-    """
-    crops_Nx4 = np.asarray(crops_Nx4, np.float64).reshape(-1, 4)
-    if len(gt_Gx4) == 0:
-        return specs(np.zeros(len(crops_Nx4)), crops_Nx4, np.zeros((len(crops_Nx4), 4)))
-    faces_Gx4 = pixel_spans(gt_Gx4)
-    iou_NxG = bx.iou_matrix(crops_Nx4, bx.square(faces_Gx4) if cfg.square_faces else faces_Gx4)
-    best_N = iou_NxG.argmax(axis=1)
-    label_N = iou_labels(iou_NxG.max(axis=1), cfg)
-    box_Nx4 = np.where((label_N != LABEL["negative"])[:, None], box_targets(crops_Nx4, faces_Gx4[best_N]), 0)
-    return select(specs(label_N, crops_Nx4, box_Nx4), label_N != UNUSED)
-
-
-def flip_some(table: dict[str, np.ndarray], types: Sequence[str], rng: np.random.Generator,
-              prob: float) -> dict[str, np.ndarray]:
-    """Mark samples of `types` as mirrored with probability `prob`, and mirror their targets."""
-    flip_N = np.isin(table["label"], [LABEL[t] for t in types]) & (rng.random(len(table["label"])) < prob)
-    box, lmk = flip_targets(table["box"][flip_N], table["landmarks"][flip_N])
-    out = {k: v.copy() for k, v in table.items()}
-    out["box"][flip_N], out["landmarks"][flip_N], out["flipped"][flip_N] = box, lmk, True
-    return out
-
-
-# ----------------------------------------------------------------------------------------- crops
-
-def inside(crops_Nx4: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Crops wholly inside an h x w image (the public pipeline drops the others rather than pad them)."""
-    return (crops_Nx4[:, 0] >= 0) & (crops_Nx4[:, 1] >= 0) & (crops_Nx4[:, 2] <= hw[1]) & (crops_Nx4[:, 3] <= hw[0])
-
-
-def square_crops(x1_N: np.ndarray, y1_N: np.ndarray, side_N: np.ndarray) -> np.ndarray:
-    x1_N, y1_N, side_N = (np.asarray(v, np.float64) for v in (x1_N, y1_N, side_N))
-    return np.stack([x1_N, y1_N, x1_N + side_N, y1_N + side_N], axis=1)
-
-
-def random_negatives(rng: np.random.Generator, hw: tuple[int, int], n: int) -> np.ndarray:
-    """n random square crops with side in [12, min(w, h) / 2] anywhere in the image."""
-    h, w = hw
-    if min(h, w) / 2 <= 12:
-        return np.zeros((0, 4))
-    side = rng.integers(12, int(min(h, w) / 2), size=n, endpoint=True)
-    return square_crops(rng.integers(0, w - side + 1), rng.integers(0, h - side + 1), side)
-
-
-def near_face_negatives(rng: np.random.Generator, face_4: np.ndarray, n: int) -> np.ndarray:
-    """Crops of side [12, min(w, h) / 2] shifted by up to a face size from the face's corner (hard negatives)."""
-    x1, y1, x2, y2 = face_4
-    w, h = x2 - x1, y2 - y1
-    side = rng.integers(12, max(12, int(min(w, h) / 2)), size=n, endpoint=True)
-    dx = rng.integers(np.maximum(-side, -x1), max(w, 1), endpoint=False)
-    dy = rng.integers(np.maximum(-side, -y1), max(h, 1), endpoint=False)
-    return square_crops(np.floor(x1 + dx), np.floor(y1 + dy), side)
-
-
-def jitter_crops(rng: np.random.Generator, face_4: np.ndarray, n: int) -> np.ndarray:
-    """Crops of side [0.8 min(w, h), 1.25 max(w, h)] around the face centre, shifted by up to 0.2 w, 0.2 h."""
-    x1, y1, x2, y2 = face_4
-    w, h = x2 - x1, y2 - y1
-    side = rng.integers(int(min(w, h) * 0.8), int(np.ceil(1.25 * max(w, h))), size=n, endpoint=True)
-    dx = rng.uniform(-0.2, 0.2, n) * w
-    dy = rng.uniform(-0.2, 0.2, n) * h
-    return square_crops(np.floor(np.maximum(x1 + w / 2 + dx - side / 2, 0)),
-                        np.floor(np.maximum(y1 + h / 2 + dy - side / 2, 0)), side)
-
-
-def cut(image_HxWx3: np.ndarray, crops_Nx4: np.ndarray, size: int) -> np.ndarray:
-    """The crops (inside the image, integer) resized to size x size with PIL's bilinear filter."""
-    from PIL import Image
-
-    out = np.zeros((len(crops_Nx4), size, size, 3), np.uint8)
-    for k, (x1, y1, x2, y2) in enumerate(np.asarray(crops_Nx4, np.int64)):
-        patch = Image.fromarray(image_HxWx3[y1:y2, x1:x2])
-        out[k] = np.asarray(patch.resize((size, size), Image.BILINEAR))
-    return out
-
-
-# ----------------------------------------------------------------------------------------- per image
-
-def check_faces(gt_Gx4: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    """The faces usable as ground truth and a reason per dropped face (zero size, wholly outside the image)."""
-    gt_Gx4 = np.asarray(gt_Gx4, np.float64).reshape(-1, 4)
-    zero = ~((gt_Gx4[:, 2] > gt_Gx4[:, 0]) & (gt_Gx4[:, 3] > gt_Gx4[:, 1]))
-    outside = ~zero & ((gt_Gx4[:, 2] <= 0) | (gt_Gx4[:, 3] <= 0) | (gt_Gx4[:, 0] >= hw[1]) | (gt_Gx4[:, 1] >= hw[0]))
-    reasons = ["faces with a zero-size box"] * int(zero.sum()) + ["faces outside their image"] * int(outside.sum())
-    return gt_Gx4[~zero & ~outside], reasons
-
-
-def pnet_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, rng: np.random.Generator, cfg: SampleConfig):
-    """P-Net crops of one image: random negatives, and around each face of side >= min_face, hard
-    negatives beside it and jittered positive / part candidates; all labelled by IoU, inside the image."""
-    faces = [f for f in gt_Gx4 if min(f[2] - f[0], f[3] - f[1]) >= cfg.min_face and f[0] >= 0 and f[1] >= 0]
-    crops = [random_negatives(rng, hw, cfg.negatives_per_image)]
-    for face in faces:
-        crops += [near_face_negatives(rng, face, cfg.negatives_near_face), jitter_crops(rng, face, cfg.jitters_per_face)]
-    crops_Nx4 = np.concatenate(crops)
-    crops_Nx4 = crops_Nx4[inside(crops_Nx4, hw) & (sides(crops_Nx4) >= 12)]
-    return flip_some(label_crops(crops_Nx4, gt_Gx4, cfg), ["positive"], rng, cfg.flip_prob)
-
-
-def detection_crops(dets_Dx4: np.ndarray) -> np.ndarray:
-    """Crops of the cascade's candidates (`pixel_spans` of its boxes), rounded as the public pipeline does."""
-    return pixel_spans(np.round(dets_Dx4))
-
-
-def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rng: np.random.Generator,
-               cfg: SampleConfig):
-    """R-Net / O-Net samples of one image: the earlier stages' detections (side >= min_face, inside the
-    image), labelled by IoU with the ground truth (hard examples). With `hard_face_jitters`, jittered crops
-    around each face are added, so that the positives and part faces are not only those the earlier stages
-    found (on a small training set they are few: every face then gives more than one)."""
-    crops = [detection_crops(dets_Dx4)]
-    if cfg.hard_face_jitters:
-        faces = [f for f in gt_Gx4 if min(f[2] - f[0], f[3] - f[1]) >= cfg.min_face]
-        crops += [jitter_crops(rng, face, cfg.hard_face_jitters) for face in faces]
-    crops_Nx4 = np.concatenate(crops)
-    crops_Nx4 = crops_Nx4[inside(crops_Nx4, hw) & (sides(crops_Nx4) >= cfg.min_face)]
-    return flip_some(label_crops(crops_Nx4, gt_Gx4, cfg), ["positive"], rng, cfg.flip_prob)
-
-
-def landmark_specs(hw: tuple[int, int], box_4: np.ndarray, points_5x2: np.ndarray, rng: np.random.Generator,
-                   cfg: SampleConfig):
-    """Landmark samples of one face: its own box and jittered crops, kept when IoU > 0.65 with the box
-    and all five points lie inside the crop."""
-    own = square_crops([np.floor(box_4[0])], [np.floor(box_4[1])], [np.ceil(max(box_4[2] - box_4[0], box_4[3] - box_4[1]))])
-    crops_Nx4 = np.concatenate([own, jitter_crops(rng, box_4, cfg.landmark_jitters)])
-    lmk_Nx10 = landmark_targets(crops_Nx4, np.broadcast_to(points_5x2, (len(crops_Nx4), 5, 2)))
-    keep = (inside(crops_Nx4, hw) & (sides(crops_Nx4) >= 12) & (bx.iou_matrix(crops_Nx4, box_4[None])[:, 0] > cfg.iou_positive)
-            & (lmk_Nx10 >= 0).all(axis=1) & (lmk_Nx10 <= 1).all(axis=1))
-    table = specs(np.full(len(crops_Nx4), LABEL["landmark"]), crops_Nx4,
-                  box_targets(crops_Nx4, np.broadcast_to(box_4, (len(crops_Nx4), 4))), lmk_Nx10)
-    return flip_some(select(table, keep), ["landmark"], rng, cfg.flip_prob)
-
-
-# ----------------------------------------------------------------------------------------- jobs
-
-KIND_ID = {"wider": 0, "landmark": 1}
-
-
-def wider_jobs(wider_dir: str | Path, max_images: int | None = None) -> list[dict]:
-    """One job per WIDER FACE training image of the official layout: its path and faces (x1, y1, x2, y2)."""
-    from mtcnn_jax.datasets import wider_split
-
-    image_dir, entries = wider_split(wider_dir, "train")
-    return [{"kind": "wider", "index": i, "path": str((image_dir / e["path"]).resolve()), "gt": e["boxes"]}
-            for i, e in enumerate(entries[:max_images])]
-
-
-def landmark_jobs(landmarks_dir: str | Path, max_faces: int | None = None) -> list[dict]:
-    """One job per landmark face: LFW+Net's trainImageList.txt if present in the folder, else CelebA's lists."""
-    from mtcnn_jax.datasets import landmark_faces
-
-    root = Path(landmarks_dir)
-    image_dir, faces = landmark_faces(root, "trainImageList.txt" if (root / "trainImageList.txt").is_file() else None)
-    return [{"kind": "landmark", "index": i, "path": str((image_dir / f["path"]).resolve()), "box": f["box"],
-             "points": f["points"]} for i, f in enumerate(faces[:max_faces])]
-
-
-def _job_table(job: dict, hw: tuple[int, int], rng: np.random.Generator, cfg: SampleConfig):
-    """A job's samples (no pixels) and the reasons for whatever of it was dropped."""
-    from mtcnn_jax.datasets import face_problem
-
-    if job["kind"] == "landmark":
-        box = np.asarray(job["box"], np.float64)
-        problem = face_problem(box, job["points"]) or next(iter(check_faces(box, hw)[1]), None)
-        if problem:
-            return specs([], [], []), [problem]
-        return landmark_specs(hw, box, np.asarray(job["points"], np.float64), rng, cfg), []
-    gt_Gx4, reasons = check_faces(job["gt"], hw)
-    if cfg.stage == "pnet":
-        return pnet_specs(hw, gt_Gx4, rng, cfg), reasons
-    return hard_specs(hw, gt_Gx4, job["dets"], rng, cfg), reasons
-
-
-def run_job(job: dict, cfg: SampleConfig, work_dir: str) -> dict:
-    """Load one image, make its samples, save their pixels to work_dir; a bad image is reported, not raised."""
-    from mtcnn_jax.detect import ImageError, load_image
-
-    rng = np.random.default_rng([cfg.seed, KIND_ID[job["kind"]], job["index"]])
-    result = {"kind": job["kind"], "index": job["index"], "path": job["path"], "table": specs([], [], [])}
-    try:
-        image = load_image(job["path"])
-    except ImageError:
-        result["skipped"] = ["missing images" if not Path(job["path"]).is_file() else "unreadable images"]
-        return result
-    table, result["skipped"] = _job_table(job, image.shape[:2], rng, cfg)
-    pixels = cut(image, table["crop"], cfg.size)
-    pixels[table["flipped"]] = pixels[table["flipped"]][:, :, ::-1]
-    if len(pixels):
-        np.save(Path(work_dir) / f"{job['kind']}_{job['index']:08d}.npy", pixels)
-    result["table"] = table
-    return result
-
-
-def run_jobs(jobs: list[dict], cfg: SampleConfig, work_dir: Path, workers: int) -> list[dict]:
-    """All jobs, in order, over a spawn pool of `workers` processes (in-process for 1), with a progress bar."""
-    from tqdm import tqdm
-
+# ----------------------------------------------------------------------------------------- sources
+
+def source_data_dir(tfds_dir: str | Path, manual_dir: str | Path) -> Path:
+    """The TFDS data_dir a source folder is built into: <folder name>-<hash of its absolute path> under
+    tfds_dir, so that two folders (a subset and the full set, say) never share a build."""
+    root = Path(manual_dir).resolve()
+    return Path(tfds_dir) / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"
+
+
+def source_dataset(builder_cls: type, manual_dir: str | Path, tfds_dir: str | Path) -> Any:
+    """The builder of a source folder's dataset, built on first use (what it skipped is in the summary)."""
+    return mtcnn_jax.datasets.build(builder_cls, manual_dir, source_data_dir(tfds_dir, manual_dir), allow_empty=True)
+
+
+def landmark_builder(landmarks_dir: str | Path) -> tuple[type, Path]:
+    """The builder of a landmark folder (LFW+Net if it holds trainImageList.txt, else CelebA in the wild)
+    and the folder its image paths are relative to."""
+    ds = mtcnn_jax.datasets
+    if (Path(landmarks_dir) / "trainImageList.txt").is_file():
+        return ds.LfwNet, ds.landmark_image_dir(landmarks_dir, "trainImageList.txt")
+    return ds.CelebaWild, ds.landmark_image_dir(landmarks_dir)
+
+
+def records(source: Any, n: int, chunk: int = 256) -> Iterator[dict]:
+    """The first n records of a data source, read `chunk` at a time."""
+    for start in range(0, n, chunk):
+        yield from source.__getitems__(list(range(start, min(n, start + chunk))))
+
+
+def source_jobs(kind: str, source: Any, image_dir: Path, limit: int | None = None) -> list[dict]:
+    """One job per record of a source's train split (the first `limit`): "wider" jobs carry the image's faces
+    ("gt", x1, y1, x2, y2), "landmark" jobs its face ("box", "points"); both the image's path ("path",
+    provenance) and the record's index ("index", the job's seed and where its image bytes are read)."""
+    jobs = []
+    for i, r in enumerate(records(source, len(source) if limit is None else min(limit, len(source)))):
+        job = {"kind": kind, "index": i, "path": str((image_dir / r["image/filename"].decode()).resolve())}
+        job.update({"gt": np.reshape(r["faces"]["box"], (-1, 4))} if kind == "wider" else
+                   {"box": r["box"], "points": r["landmarks"]})
+        jobs.append(job)
+    return jobs
+
+
+def with_images(jobs: list[dict], sources: dict[str, Any]) -> list[dict]:
+    """The jobs with their image file bytes ("image"), read from their sources in one read per kind."""
+    images = {}
+    for kind, source in sources.items():
+        idx = [j["index"] for j in jobs if j["kind"] == kind]
+        if idx:
+            images.update({(kind, i): r["image"] for i, r in zip(idx, source.__getitems__(idx))})
+    return [{**j, "image": images[j["kind"], j["index"]]} for j in jobs]
+
+
+def run_jobs(jobs: list[dict], sources: dict[str, Any], cfg: SampleConfig, work_dir: Path, workers: int) -> list[dict]:
+    """All jobs, in order, over a spawn pool of `workers` processes (in-process for 1), with a progress bar.
+    The image bytes are read a window of jobs at a time, so memory holds one window's images."""
     fn = functools.partial(run_job, cfg=cfg, work_dir=str(work_dir))
-    bar = functools.partial(tqdm, total=len(jobs), desc=f"{cfg.stage} samples", unit="image", file=sys.stderr)
-    if workers <= 1:
-        return list(bar(map(fn, jobs)))
-    with mp.get_context("spawn").Pool(workers) as pool:  # spawn: JAX's threads do not survive a fork
-        return list(bar(pool.imap(fn, jobs, chunksize=4)))
-
-
-# ----------------------------------------------------------------------------------------- hard examples
-
-# The public pipeline mines with low thresholds (P-Net 0.3, R-Net 0.1) so that many hard negatives pass.
-MINING_CONFIG = dict(thresholds=(0.3, 0.1, 0.7), window_capacity=4096, pnet_capacity=1024,
-                     rnet_capacity=256)
-
-
-def candidates(params: dict, image_HxWx3: np.ndarray, config: Any, upto: str) -> tuple[np.ndarray, dict]:
-    """One image's candidates after stage `upto` (boxes_Dx4, 1-based inclusive) and the capacity overflow."""
-    from mtcnn_jax import cascade
-
-    h, w = image_HxWx3.shape[:2]
-    if not cascade.pyramid_scales(h, w, config.min_face_size, config.scale_factor):
-        return np.zeros((0, 4)), {}
-    batch, sizes = cascade.pad_to_bucket([image_HxWx3], cascade.bucket_shape(h, w, config))
-    out = cascade.detect_bucket(params, batch, sizes, config, upto=upto)
-    dets_Dx4 = np.asarray(out["boxes"][0])[np.asarray(out["valid"][0], bool)]
-    return dets_Dx4, {name: int(np.asarray(c)[0]) for name, c in out["overflow"].items()}
-
-
-def add_detections(jobs: list[dict], params: dict, stage: str, config: Any = None) -> dict[str, int]:
-    """Give each WIDER job the candidates of the stages before `stage` ("dets"): P-Net's for R-Net samples,
-    P-Net + R-Net's for O-Net samples. Images run one at a time, ordered by (coarse) bucket so that each
-    bucket compiles once; returns the candidates dropped by full capacities, per stage."""
-    from tqdm import tqdm
-
-    from mtcnn_jax import buckets, cascade
-    from mtcnn_jax.detect import ImageError, load_image
-
-    config = config or cascade.CascadeConfig(**MINING_CONFIG)
-    upto = {"rnet": "pnet", "onet": "rnet"}[stage]
-    overflow: dict[str, int] = {}
-    order = sorted(jobs, key=lambda j: cascade.bucket_shape(*(buckets.header_hw(j["path"]) or (0, 0)), config))
-    for job in tqdm(order, desc=f"{upto} detections", unit="image", file=sys.stderr):
-        job["dets"] = np.zeros((0, 4))
-        try:
-            image = load_image(job["path"])
-        except ImageError:
-            continue  # run_job reports it
-        job["dets"], over = candidates(params, image, config, upto)
-        for name, n in over.items():
-            overflow[name] = overflow.get(name, 0) + n
-    return overflow
+    window, results = max(WINDOW, 16 * workers), []
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext()
+    with pool, tqdm(total=len(jobs), desc=f"{cfg.stage} samples", unit="image", file=sys.stderr) as bar:
+        for start in range(0, len(jobs), window):
+            part = with_images(jobs[start : start + window], sources)
+            for result in (pool.imap(fn, part, chunksize=4) if workers > 1 else map(fn, part)):
+                results.append(result)
+                bar.update()
+    return results
 
 
 # ----------------------------------------------------------------------------------------- mixing
@@ -412,109 +151,35 @@ def choose(results: list[dict], ratio: Sequence[float], seed: int) -> tuple[list
 
 # ----------------------------------------------------------------------------------------- writing
 
-@functools.lru_cache(maxsize=1)
-def _builder_class():
-    """The TFDS builder of the sample sets (defined lazily: tensorflow_datasets is slow to import)."""
-    import tensorflow_datasets as tfds
-
-    class MtcnnSamples(tfds.core.GeneratorBasedBuilder):
-        """MTCNN training samples of one stage, with provenance: the source image, the crop, the flip."""
-
-        VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=s, description=f"{n}x{n} crops") for s, n in INPUT_SIZE.items()]
-
-        def __init__(self, *, examples=None, **kwargs):
-            self._examples = examples
-            super().__init__(file_format="array_record", **kwargs)
-
-        def _info(self):
-            n, f = INPUT_SIZE[self.builder_config.name], tfds.features
-            return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=f.FeaturesDict({
-                "image": f.Tensor(shape=(n, n, 3), dtype=np.uint8), "label": f.Tensor(shape=(), dtype=np.int32),
-                "box": f.Tensor(shape=(4,), dtype=np.float32), "landmarks": f.Tensor(shape=(10,), dtype=np.float32),
-                "source": f.Text(), "crop": f.Tensor(shape=(4,), dtype=np.float32),
-                "flipped": f.Tensor(shape=(), dtype=np.bool_)}))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._examples()}
-
-        def _generate_examples(self):
-            raise NotImplementedError  # the examples come from the constructor
-
-    return MtcnnSamples
-
-
-def examples(results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Iterator[tuple[str, dict]]:
-    """The kept samples as TFDS examples, reading each image's pixels back from work_dir."""
+def kept_parts(results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Iterator[dict]:
+    """The kept samples, one source image at a time, with their pixels read back from work_dir and their
+    record keys (<kind><index>_<row>)."""
     for r, keep_N in zip(results, keep):
-        if not keep_N.any():
-            continue
-        pixels = np.load(work_dir / f"{r['kind']}_{r['index']:08d}.npy")
-        for row in np.nonzero(keep_N)[0]:
-            t = r["table"]
-            yield f"{r['kind']}{r['index']:08d}_{row:05d}", {
-                "image": pixels[row], "label": t["label"][row], "box": t["box"][row], "landmarks": t["landmarks"][row],
-                "source": r["path"], "crop": t["crop"][row], "flipped": t["flipped"][row]}
+        rows = np.nonzero(keep_N)[0]
+        if len(rows):
+            name = f"{r['kind']}{r['index']:08d}"
+            yield {"keys": [f"{name}_{row:05d}" for row in rows], "source": r["path"],
+                   "table": select(r["table"], keep_N), "pixels": np.load(work_dir / f"{r['kind']}_{r['index']:08d}.npy")[rows]}
 
 
-def write_dataset(out: Path, stage: str, results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Path:
-    """Write the kept samples as the TFDS dataset mtcnn_samples/<stage> under `out` (array_record).
-
-    TFDS shuffles the records in memory up to 1 GB and beyond that spills them to files written with
-    TensorFlow, which this package does not install; the buffer is unbounded while writing instead (the set
-    is held in memory once, as the trainer holds it anyway)."""
-    from tensorflow_datasets.core import shuffle
-
-    builder = _builder_class()(config=stage, data_dir=str(out), examples=lambda: examples(results, keep, work_dir))
-    default, shuffle.MAX_MEM_BUFFER_SIZE = shuffle.MAX_MEM_BUFFER_SIZE, sys.maxsize
-    try:
-        builder.download_and_prepare()
-    finally:
-        shuffle.MAX_MEM_BUFFER_SIZE = default
-    return Path(builder.data_dir)
-
-
-class Samples:
-    """Random access to a written sample set: len(s), s[i] -> {"image", "label", "box", "landmarks",
-    "source", "crop", "flipped"} with python label/flipped and str source."""
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self._plain(self.source[i])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Many records in one read (much faster than one by one for array_record)."""
-        return [self._plain(r) for r in self.source.__getitems__([int(i) for i in indices])]
-
-    @staticmethod
-    def _plain(record: dict) -> dict[str, Any]:
-        r, src = dict(record), record["source"]
-        r.update(label=int(r["label"]), flipped=bool(r["flipped"]), source=src.decode() if isinstance(src, bytes) else src)
-        return r
-
-
-def load(directory: str | Path) -> Samples:
-    """The sample set written under `directory` by `make_samples` (or the CLI), through tfds' data source."""
-    import tensorflow_datasets as tfds
-
-    found = sorted(Path(directory).glob("**/dataset_info.json"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"expected one sample set under {directory}, found {len(found)}")
-    return Samples(tfds.builder_from_directory(str(found[0].parent)).as_data_source(split="train"))
+def write_samples(out: Path, stage: str, results: list[dict], keep: list[np.ndarray], work_dir: Path) -> Path:
+    """Write the kept samples as the TFDS dataset mtcnn_samples/<stage> under `out` (array_record) through
+    the sample set builder, staged in work_dir."""
+    total = int(sum(k.sum() for k in keep))
+    staged = mtcnn_jax.datasets.stage_samples(work_dir / "sample_set", INPUT_SIZE[stage], total,
+                                              kept_parts(results, keep, work_dir))
+    return Path(mtcnn_jax.datasets.build(mtcnn_jax.datasets.MtcnnSamples, staged, out, config=stage).data_dir)
 
 
 # ----------------------------------------------------------------------------------------- pipeline
 
-def summarise(results: list[dict], available: dict, kept: dict, cfg: SampleConfig, extra: dict) -> dict:
-    """Counts per type (generated, kept, dropped by the mix), inputs skipped by reason with first names."""
-    from mtcnn_jax.datasets import Skipped
-
-    skipped = Skipped()
+def summarise(results: list[dict], builders: dict[str, Any], available: dict, kept: dict, cfg: SampleConfig,
+              extra: dict) -> dict:
+    """Counts per type (generated, kept, dropped by the mix), inputs skipped by reason with first names
+    (by the source builders and by the workers)."""
+    skipped = mtcnn_jax.datasets.Skipped()
+    for builder in builders.values():
+        skipped.merge(builder.skipped.get("train", mtcnn_jax.datasets.Skipped()))
     for r in results:
         for reason in r.get("skipped", []):
             skipped.add(reason, r["path"])
@@ -529,34 +194,46 @@ def summarise(results: list[dict], available: dict, kept: dict, cfg: SampleConfi
 
 def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Path, cfg: SampleConfig = SampleConfig(),
                  *, weights: str | Path | None = None, max_images: int | None = None,
-                 max_landmarks: int | None = None, workers: int | None = None) -> dict:
-    """Make one stage's sample set from WIDER FACE training images and a landmark set, write it to `out` as
-    a TFDS dataset with summary.json beside it, and return the summary. Raises SamplesError if empty."""
+                 max_landmarks: int | None = None, workers: int | None = None,
+                 tfds_dir: str | Path | None = None) -> dict:
+    """Make one stage's sample set from WIDER FACE training images and a landmark set (read through their
+    TFDS datasets, built under `tfds_dir` if not yet there), write it to `out` as a TFDS dataset with
+    summary.json beside it, and return the summary. Raises SamplesError if empty."""
     out, start = Path(out), time.perf_counter()
     if (out / "mtcnn_samples" / cfg.stage).exists():
         raise FileExistsError(f"{out / 'mtcnn_samples' / cfg.stage} exists: pick a new --out or delete it")
-    jobs = wider_jobs(wider, max_images) + (landmark_jobs(landmarks, max_landmarks) if landmarks else [])
+    tfds_dir = Path(tfds_dir) if tfds_dir else mtcnn_jax.pretrained.cache_dir() / "tfds"  # the user cache
+    builders = {"wider": source_dataset(mtcnn_jax.datasets.WiderFace, wider, tfds_dir)}
+    image_dirs = {"wider": mtcnn_jax.datasets.wider_image_dir(wider, "train")}
+    limits = {"wider": max_images, "landmark": max_landmarks}
+    if landmarks:
+        builder_cls, image_dirs["landmark"] = landmark_builder(landmarks)
+        builders["landmark"] = source_dataset(builder_cls, landmarks, tfds_dir)
+    sources = {kind: mtcnn_jax.datasets.data_source(b, "train", decode_images=False) for kind, b in builders.items()
+               if "train" in b.info.splits and b.info.splits["train"].num_examples}  # none: all skipped
+    jobs = [job for kind in sources for job in source_jobs(kind, sources[kind], image_dirs[kind], limits[kind])]
     extra: dict[str, Any] = {}
     if cfg.stage != "pnet":
-        from mtcnn_jax.detect import resolve_params
-
-        params = resolve_params(str(weights) if weights else None)
-        extra["overflow"] = add_detections([j for j in jobs if j["kind"] == "wider"], params, cfg.stage)
+        read = lambda job: sources["wider"][job["index"]]["image"]  # noqa: E731
+        extra["overflow"] = mtcnn_jax.sample_mining.add_detections(
+            [j for j in jobs if j["kind"] == "wider"], read, str(weights) if weights else None, cfg.stage)
     work_dir = out / ".work"
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        results = run_jobs(jobs, cfg, work_dir, workers or os.cpu_count() or 1)
+        results = run_jobs(jobs, sources, cfg, work_dir, workers or os.cpu_count() or 1)
         keep, available, kept = choose(results, cfg.ratio, cfg.seed)
         extra["seconds"] = round(time.perf_counter() - start, 2)
-        summary = summarise(results, available, kept, cfg, extra)
+        summary = summarise(results, builders, available, kept, cfg, extra)
         if summary["total"] == 0:
             raise SamplesError(f"no samples: {json.dumps(summary)}")
-        summary["dataset"] = str(write_dataset(out, cfg.stage, results, keep, work_dir))
+        summary["dataset"] = str(write_samples(out, cfg.stage, results, keep, work_dir))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
+
+# ----------------------------------------------------------------------------------------- CLI
 
 def parse_ratio(text: str) -> tuple[float, float, float, float]:
     """"3:1:1:2" -> (3, 1, 1, 2): negative : positive : part : landmark."""
@@ -572,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wider", required=True, help="WIDER FACE root (WIDER_train/images, wider_face_split/)")
     p.add_argument("--landmarks", help="LFW+Net folder (trainImageList.txt) or CelebA folder (list_*_celeba.txt, img_celeba/)")
     p.add_argument("--out", required=True, help="output folder (the dataset and summary.json)")
+    p.add_argument("--tfds-dir", help="where the WIDER FACE and landmark folders are built as TFDS datasets, once "
+                                      "(one folder per source folder; default: ~/.cache/mtcnn_jax/tfds)")
     p.add_argument("--weights", help="cascade checkpoint dir for R-Net/O-Net mining (default: the original weights)")
     p.add_argument("--max-images", type=int, help="first N WIDER training images only")
     p.add_argument("--max-landmarks", type=int, help="first N landmark faces only")
@@ -585,9 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
     p.add_argument("--square-faces", action="store_true",
                    help="label crops by IoU with each face's square box (narrow faces can be positives)")
-    from mtcnn_jax import compile_cache  # imports JAX: kept out of the sample workers' imports
-
-    compile_cache.add_flag(p)
+    mtcnn_jax.compile_cache.add_flag(p)
     return p
 
 
@@ -595,17 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade
-        from mtcnn_jax import compile_cache
-
         try:
-            compile_cache.configure(args.compile_cache)
+            mtcnn_jax.compile_cache.configure(args.compile_cache)
         except ValueError as err:
             parser.error(str(err))
     cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
                        hard_face_jitters=args.face_jitters, min_face=args.min_face, square_faces=args.square_faces)
     try:
-        summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
-                               max_images=args.max_images, max_landmarks=args.max_landmarks, workers=args.workers)
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS's build messages: stdout is the summary alone
+            summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
+                                   max_images=args.max_images, max_landmarks=args.max_landmarks,
+                                   workers=args.workers, tfds_dir=args.tfds_dir)
     except (SamplesError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mtcnn_jax import datasets
+from mtcnn_jax.datasets import common
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -63,8 +66,6 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     (root / "WIDER_train/images/e").mkdir(parents=True)
     (root / "WIDER_val/images/e").mkdir(parents=True)
     (root / "wider_face_split").mkdir()
-    from PIL import Image
-
     Image.new("RGB", (40, 30)).save(root / "WIDER_train/images/e/ok.jpg")
     (root / "WIDER_train/images/e/broken.jpg").write_bytes(b"not a jpeg")
     gt = "e/ok.jpg\n1\n1 1 10 10 0 0 0 0 0 0\ne/broken.jpg\n0\n0 0 0 0 0 0 0 0 0 0\ne/gone.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n"
@@ -74,8 +75,11 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="missing images"):
         builder = datasets.build(datasets.WiderFace, root, tmp_path / "out")
     assert len(datasets.data_source(builder, "train")) == 1
-    assert builder.skipped.counts == {"unreadable images": 1, "missing images": 1}
-    assert "gone.jpg" in builder.skipped.names["missing images"][0]
+    assert builder.skipped["train"].counts == {"unreadable images": 1, "missing images": 1}
+    assert "gone.jpg" in builder.skipped["train"].names["missing images"][0]
+    assert not builder.skipped["validation"].counts
+    again = datasets.WiderFace(data_dir=str(tmp_path / "out"))  # the built dataset keeps what was skipped
+    assert again.skipped["train"].counts == builder.skipped["train"].counts
 
 
 def test_empty_split_is_a_clear_error(tmp_path):
@@ -85,3 +89,42 @@ def test_empty_split_is_a_clear_error(tmp_path):
         (root / f"wider_face_split/wider_face_{split}_bbx_gt.txt").write_text("e/gone.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")
     with pytest.raises(ValueError, match="1 missing images"):
         datasets.build(datasets.WiderFace, root, tmp_path / "out")
+
+
+def test_records_keep_list_order_across_shards_and_absent_splits_are_not_built(shared_data, tmp_path, monkeypatch):
+    """Shards are written one after another as the list is read (bounded memory on a full WIDER FACE);
+    the records keep the list's order, and a manual directory without WIDER_val builds the train split."""
+    root = tmp_path / "wider"
+    (root / "wider_face_split").mkdir(parents=True)
+    (root / "WIDER_train").symlink_to(shared_data / "wider_face" / "WIDER_train")
+    lines = (shared_data / "wider_face/wider_face_split/wider_face_train_bbx_gt.txt").read_text()
+    (root / "wider_face_split/wider_face_train_bbx_gt.txt").write_text(lines)
+    monkeypatch.setattr(datasets.WiderFace, "SHARD_INPUTS", 3)
+    builder = datasets.build(datasets.WiderFace, root, tmp_path / "out", max_images=7)
+    assert list(builder.info.splits) == ["train"] and builder.info.splits["train"].shard_lengths == [3, 3, 1]
+    _, entries = datasets.wider_split(root, "train")
+    train = datasets.data_source(builder, "train", decode_images=False)
+    assert [r["image/filename"].decode() for r in train.__getitems__(range(7))] == [e["path"] for e in entries[:7]]
+    assert train[0]["image"] == (root / "WIDER_train/images" / entries[0]["path"]).read_bytes()
+
+
+def test_skipped_counts_merge_and_round_trip():
+    a, b = common.Skipped(), common.Skipped()
+    for k in range(4):
+        a.add("missing images", f"a{k}")
+        b.add("missing images", f"b{k}")
+    b.add("unreadable images", "x")
+    a.merge(b)
+    assert a.counts == {"missing images": 8, "unreadable images": 1} and a.names["missing images"] == [
+        "a0", "a1", "a2", "a3", "b0"]
+    assert common.Skipped.from_dict(a.as_dict()) == a
+
+
+def test_datasets_import_no_module_that_imports_them_back():
+    """No import cycle: the package modules that mtcnn_jax.datasets imports do not import it."""
+    code = ("import sys, mtcnn_jax.datasets; print(' '.join(m.__file__ for n, m in sys.modules.items() "
+            "if n.startswith('mtcnn_jax.') and not n.startswith('mtcnn_jax.datasets')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    for path in out.stdout.split():
+        text = Path(path).read_text()
+        assert "mtcnn_jax.datasets" not in text and "from mtcnn_jax import datasets" not in text, path

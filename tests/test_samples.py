@@ -1,16 +1,25 @@
-"""Per-stage training samples: labels by IoU, targets, flips, mixing, provenance, determinism, bad input."""
+"""Per-stage training samples: labels by IoU, targets, flips, mixing, provenance, determinism, bad input,
+the TFDS source datasets they are read from and the sample sets they are written to, light workers."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from tensorflow_datasets.core import hashing  # TFDS's key hash: only to check the record order's claim
 
-from mtcnn_jax import datasets
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import samples
+from mtcnn_jax import datasets, sample_worker, samples
+from mtcnn_jax import sample_geometry as geo
+from mtcnn_jax.datasets import load_samples, sample_sets
+from mtcnn_jax.images import load_image
+from mtcnn_jax.stages import LABEL, SAMPLE_TYPES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POINTS_5x2 = np.array([[30, 40], [60, 42], [45, 55], [33, 70], [58, 71]], np.float64)
@@ -18,8 +27,8 @@ POINTS_5x2 = np.array([[30, 40], [60, 42], [45, 55], [33, 70], [58, 71]], np.flo
 
 def test_targets_are_normalised_by_the_crop():
     crops = np.array([[10, 20, 110, 120]], np.float64)
-    np.testing.assert_allclose(samples.box_targets(crops, np.array([[20, 30, 100, 140]])), [[0.1, 0.1, -0.1, 0.2]])
-    lmk = samples.landmark_targets(crops, (POINTS_5x2 + [10, 20])[None])
+    np.testing.assert_allclose(geo.box_targets(crops, np.array([[20, 30, 100, 140]])), [[0.1, 0.1, -0.1, 0.2]])
+    lmk = geo.landmark_targets(crops, (POINTS_5x2 + [10, 20])[None])
     np.testing.assert_allclose(lmk[0, :5], POINTS_5x2[:, 0] / 100, rtol=1e-6)
     np.testing.assert_allclose(lmk[0, 5:], POINTS_5x2[:, 1] / 100, rtol=1e-6)
 
@@ -27,19 +36,19 @@ def test_targets_are_normalised_by_the_crop():
 def test_flip_mirrors_targets_and_swaps_left_right():
     crop = np.array([[0, 0, 100, 100]], np.float64)
     gt = np.array([[10, 20, 70, 90]], np.float64)
-    box, lmk = samples.flip_targets(samples.box_targets(crop, gt), samples.landmark_targets(crop, POINTS_5x2[None]))
+    box, lmk = geo.flip_targets(geo.box_targets(crop, gt), geo.landmark_targets(crop, POINTS_5x2[None]))
     mirrored_gt = np.array([[100 - 70, 20, 100 - 10, 90]])
     mirrored_pts = np.stack([100 - POINTS_5x2[:, 0], POINTS_5x2[:, 1]], 1)[[1, 0, 2, 4, 3]]
-    np.testing.assert_allclose(box, samples.box_targets(crop, mirrored_gt), atol=1e-6)
-    np.testing.assert_allclose(lmk, samples.landmark_targets(crop, mirrored_pts[None]), atol=1e-6)
-    twice = samples.flip_targets(box, lmk)
-    np.testing.assert_allclose(twice[1], samples.landmark_targets(crop, POINTS_5x2[None]), atol=1e-6)
+    np.testing.assert_allclose(box, geo.box_targets(crop, mirrored_gt), atol=1e-6)
+    np.testing.assert_allclose(lmk, geo.landmark_targets(crop, mirrored_pts[None]), atol=1e-6)
+    twice = geo.flip_targets(box, lmk)
+    np.testing.assert_allclose(twice[1], geo.landmark_targets(crop, POINTS_5x2[None]), atol=1e-6)
 
 
 def test_labels_follow_iou_thresholds():
-    cfg = samples.SampleConfig()
-    np.testing.assert_array_equal(samples.iou_labels(np.array([0.1, 0.35, 0.5, 0.65, 0.7]), cfg),
-                                  [0, samples.UNUSED, -1, -1, 1])
+    cfg = geo.SampleConfig()
+    np.testing.assert_array_equal(geo.iou_labels(np.array([0.1, 0.35, 0.5, 0.65, 0.7]), cfg),
+                                  [0, geo.UNUSED, -1, -1, 1])
 
 
 def test_square_faces_label_by_iou_with_the_squared_face():
@@ -48,7 +57,7 @@ def test_square_faces_label_by_iou_with_the_squared_face():
     real face either way, (0.25, 0, -0.25, 0) of the crop's side."""
     face, crop = np.array([[16.0, 11.0, 25.0, 30.0]]), np.array([[10.0, 10.0, 30.0, 30.0]])
     for square, label in ((False, -1), (True, 1)):
-        table = samples.label_crops(crop, face, samples.SampleConfig(square_faces=square))
+        table = geo.label_crops(crop, face, geo.SampleConfig(square_faces=square))
         assert table["label"].tolist() == [label]
         np.testing.assert_allclose(table["box"], [[0.25, 0.0, -0.25, 0.0]])
     assert samples.build_parser().parse_args(["onet", "--wider", "w", "--out", "o", "--square-faces"]).square_faces
@@ -65,13 +74,13 @@ def test_targets_of_a_detection_crop_regress_back_to_the_face():
         face_1x4 = np.array([[x1 + rng.integers(-3, 4), y1 + rng.integers(-3, 4), x1 + side - 1 + rng.integers(-3, 4),
                               y1 + side - 1 + rng.integers(-3, 4)]])
         det_1x4 = np.array([[x1, y1, x1 + side - 1, y1 + side - 1]])  # a square 1-based box, `side` pixels across
-        table = samples.label_crops(samples.detection_crops(det_1x4), face_1x4, samples.SampleConfig(square_faces=True))
-        if table["label"][0] == samples.LABEL["negative"]:
+        table = geo.label_crops(geo.detection_crops(det_1x4), face_1x4, geo.SampleConfig(square_faces=True))
+        if table["label"][0] == LABEL["negative"]:
             continue
         np.testing.assert_allclose(bx.regress(det_1x4, table["box"], plus_one=True), face_1x4, atol=1e-4)
     box = np.array([[31.0, 41.0, 70.0, 80.0]])
-    table = samples.label_crops(samples.detection_crops(box), box, samples.SampleConfig())
-    assert table["label"].tolist() == [samples.LABEL["positive"]]
+    table = geo.label_crops(geo.detection_crops(box), box, geo.SampleConfig())
+    assert table["label"].tolist() == [LABEL["positive"]]
     np.testing.assert_allclose(table["box"], 0, atol=1e-7)
 
 
@@ -82,33 +91,40 @@ def test_mix_subsamples_larger_types_to_the_ratio():
 
 
 @pytest.fixture(scope="module")
-def pnet_set(shared_data, tmp_path_factory):
+def tfds_dir(tmp_path_factory) -> Path:
+    """The TFDS data_dir root the module's source datasets are built into once (not the user cache)."""
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def pnet_set(shared_data, tfds_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pnet")
     summary = samples.make_samples(shared_data / "wider_face", shared_data / "lfw_net", out,
-                                   samples.SampleConfig(seed=3), max_images=20, max_landmarks=60, workers=2)
-    return out, summary, samples.load(out)
+                                   geo.SampleConfig(seed=3), max_images=20, max_landmarks=60, workers=2,
+                                   tfds_dir=tfds_dir)
+    return out, summary, load_samples(out)
 
 
 def _face_spans(shared_data: Path) -> dict[str, np.ndarray]:
     """Each training image's faces as the pixel spans its crops are labelled against."""
     image_dir, entries = datasets.wider_split(shared_data / "wider_face", "train")
-    return {str((image_dir / e["path"]).resolve()): samples.pixel_spans(e["boxes"]) for e in entries}
+    return {str((image_dir / e["path"]).resolve()): geo.pixel_spans(e["boxes"]) for e in entries}
 
 
 def test_pnet_labels_agree_with_recomputed_iou(pnet_set, shared_data):
     _, summary, s = pnet_set
     gt = _face_spans(shared_data)
-    cfg, labels = samples.SampleConfig(), []
+    cfg, labels = geo.SampleConfig(), []
     for i in range(len(s)):
         r = s[i]
         labels.append(r["label"])
         assert r["image"].shape == (12, 12, 3) and r["image"].dtype == np.uint8
-        if r["label"] == samples.LABEL["landmark"]:
+        if r["label"] == LABEL["landmark"]:
             assert ((r["landmarks"] >= 0) & (r["landmarks"] <= 1)).all()
             continue
         iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
-        assert samples.iou_labels(np.array([iou]), cfg)[0] == r["label"], (i, iou, r["label"])
-    counts = {t: labels.count(samples.LABEL[t]) for t in samples.TYPES}
+        assert geo.iou_labels(np.array([iou]), cfg)[0] == r["label"], (i, iou, r["label"])
+    counts = {t: labels.count(LABEL[t]) for t in SAMPLE_TYPES}
     assert counts == summary["kept"] and len(s) == summary["total"]
     assert counts["negative"] >= 2.9 * counts["positive"] and min(counts.values()) > 0
 
@@ -117,28 +133,26 @@ def test_summary_is_written_beside_the_dataset(pnet_set):
     out, summary, _ = pnet_set
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["images"] == 20 and summary["landmark_faces"] == 60 and not (out / ".work").exists()
-    for t in samples.TYPES:
+    for t in SAMPLE_TYPES:
         assert summary["generated"][t] == summary["kept"][t] + summary["dropped_by_ratio"][t]
 
 
 def test_flipped_sample_is_the_mirrored_crop_of_its_source(pnet_set):
-    from mtcnn_jax.detect import load_image
-
     _, _, s = pnet_set
     flipped = [s[i] for i in range(len(s)) if s[i]["flipped"]][:3]
     assert flipped
     for r in flipped:
-        again = samples.cut(load_image(r["source"]), r["crop"][None], 12)[0][:, ::-1]
+        again = sample_worker.cut(load_image(r["source"]), r["crop"][None], 12)[0][:, ::-1]
         np.testing.assert_array_equal(again, r["image"])
 
 
-def test_same_seed_same_samples_whatever_the_workers(shared_data, tmp_path):
+def test_same_seed_same_samples_whatever_the_workers(shared_data, tfds_dir, tmp_path):
     sets = []
     for workers in (1, 2):
         out = tmp_path / str(workers)
         samples.make_samples(shared_data / "wider_face", shared_data / "lfw_net", out, max_images=3,
-                             max_landmarks=8, workers=workers)
-        s = samples.load(out)
+                             max_landmarks=8, workers=workers, tfds_dir=tfds_dir)
+        s = load_samples(out)
         sets.append([s[i] for i in range(len(s))])
     assert len(sets[0]) == len(sets[1]) > 0
     for a, b in zip(*sets):
@@ -148,8 +162,6 @@ def test_same_seed_same_samples_whatever_the_workers(shared_data, tmp_path):
 
 
 def _bad_wider(root: Path) -> Path:
-    from PIL import Image
-
     (root / "WIDER_train/images/e").mkdir(parents=True)
     (root / "wider_face_split").mkdir()
     Image.new("RGB", (200, 160), (90, 90, 90)).save(root / "WIDER_train/images/e/ok.jpg")
@@ -167,7 +179,8 @@ def test_bad_input_is_skipped_and_reported(tmp_path):
     (lfw / "trainImageList.txt").write_text("missing.jpg 0 50 0 50 1 1 2 2 3 3 4 4 5 5\n"
                                             "../wider/WIDER_train/images/e/ok.jpg 40 100 30 100 "
                                             "50 50 80 50 65 65 55 80 300 300\n")
-    summary = samples.make_samples(wider, lfw, tmp_path / "out", workers=1)
+    with pytest.warns(UserWarning, match="skipped train"):  # the source builders say so too
+        summary = samples.make_samples(wider, lfw, tmp_path / "out", workers=1, tfds_dir=tmp_path / "tfds")
     skipped = {k: v["count"] for k, v in summary["skipped"].items()}
     assert skipped == {"faces with a zero-size box": 1, "faces outside their image": 1, "unreadable images": 1,
                        "missing images": 2, "landmarks outside their box": 1}
@@ -179,53 +192,122 @@ def test_empty_result_is_an_error_with_exit_code_2(tmp_path):
     root = tmp_path / "wider"
     (root / "wider_face_split").mkdir(parents=True)
     (root / "wider_face_split/wider_face_train_bbx_gt.txt").write_text("e/gone.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")
-    with pytest.raises(samples.SamplesError, match="missing images"):
-        samples.make_samples(root, None, tmp_path / "a", workers=1)
-    assert samples.main(["pnet", "--wider", str(root), "--out", str(tmp_path / "b"), "--workers", "1"]) == 2
+    with pytest.raises(samples.SamplesError, match="missing images"), pytest.warns(UserWarning, match="missing"):
+        samples.make_samples(root, None, tmp_path / "a", workers=1, tfds_dir=tmp_path / "tfds")
+    with pytest.warns(UserWarning, match="missing"):
+        assert samples.main(["pnet", "--wider", str(root), "--out", str(tmp_path / "b"), "--workers", "1",
+                             "--tfds-dir", str(tmp_path / "tfds")]) == 2
 
 
-def test_celeba_landmarks_feed_the_samples(shared_data, tmp_path):
+def test_celeba_landmarks_feed_the_samples(shared_data, tfds_dir, tmp_path):
     summary = samples.make_samples(shared_data / "wider_face", FIXTURES / "celeba", tmp_path, max_images=1,
-                                   workers=1)
+                                   workers=1, tfds_dir=tfds_dir)
     assert summary["landmark_faces"] == 4 and summary["generated"]["landmark"] >= 4
 
 
-def test_rnet_hard_examples_label_by_iou(shared_data, tmp_path):
+def test_rnet_hard_examples_label_by_iou(shared_data, tfds_dir, tmp_path):
     summary = samples.make_samples(shared_data / "wider_face", shared_data / "lfw_net", tmp_path,
-                                   samples.SampleConfig(stage="rnet"), max_images=5, max_landmarks=20, workers=1)
-    s, gt = samples.load(tmp_path), _face_spans(shared_data)
+                                   geo.SampleConfig(stage="rnet"), max_images=5, max_landmarks=20, workers=1,
+                                   tfds_dir=tfds_dir)
+    s, gt = load_samples(tmp_path), _face_spans(shared_data)
     assert len(s) == summary["total"] > 0 and s[0]["image"].shape == (24, 24, 3)
     for i in range(len(s)):
         r = s[i]
-        if r["label"] != samples.LABEL["landmark"]:
+        if r["label"] != LABEL["landmark"]:
             iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
-            assert samples.iou_labels(np.array([iou]), samples.SampleConfig())[0] == r["label"]
+            assert geo.iou_labels(np.array([iou]), geo.SampleConfig())[0] == r["label"]
 
 
 def test_hard_face_jitters_add_labelled_crops_around_each_face():
     gt = np.array([[100, 100, 160, 170], [10, 10, 18, 18]], np.float64)  # the second is under min_face
     dets = np.array([[101, 101, 160, 170]], np.float64)  # 1-based inclusive, as the cascade gives
-    plain = samples.hard_specs((400, 400), gt, dets, np.random.default_rng(0), samples.SampleConfig(stage="rnet"))
-    assert len(plain["label"]) == 1 and plain["label"][0] == samples.LABEL["positive"]
-    cfg = samples.SampleConfig(stage="rnet", hard_face_jitters=30, flip_prob=0.0)
-    table = samples.hard_specs((400, 400), gt, dets, np.random.default_rng(0), cfg)
-    assert len(table["label"]) > 1 and set(table["label"]) >= {samples.LABEL["positive"], samples.LABEL["part"]}
-    spans = samples.pixel_spans(gt)
+    plain = geo.hard_specs((400, 400), gt, dets, np.random.default_rng(0), geo.SampleConfig(stage="rnet"))
+    assert len(plain["label"]) == 1 and plain["label"][0] == LABEL["positive"]
+    cfg = geo.SampleConfig(stage="rnet", hard_face_jitters=30, flip_prob=0.0)
+    table = geo.hard_specs((400, 400), gt, dets, np.random.default_rng(0), cfg)
+    assert len(table["label"]) > 1 and set(table["label"]) >= {LABEL["positive"], LABEL["part"]}
+    spans = geo.pixel_spans(gt)
     iou = bx.iou_matrix(table["crop"].astype(np.float64), spans).max(axis=1)
-    np.testing.assert_array_equal(samples.iou_labels(iou, cfg), table["label"])
-    assert (samples.sides(table["crop"]) >= 0.8 * 60 - 1).all()  # none around the 8-pixel face
+    np.testing.assert_array_equal(geo.iou_labels(iou, cfg), table["label"])
+    assert (geo.sides(table["crop"]) >= 0.8 * 60 - 1).all()  # none around the 8-pixel face
     best_gt = spans[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), spans), axis=1)]
-    face = table["label"] != samples.LABEL["negative"]  # negatives carry zero box targets
-    np.testing.assert_allclose(table["box"][face], samples.box_targets(table["crop"], best_gt)[face], atol=1e-6)
+    face = table["label"] != LABEL["negative"]  # negatives carry zero box targets
+    np.testing.assert_allclose(table["box"][face], geo.box_targets(table["crop"], best_gt)[face], atol=1e-6)
 
 
-def test_sets_over_the_shuffle_buffer_are_written_without_tensorflow(shared_data, tmp_path, monkeypatch):
-    """TFDS spills a shuffle buffer over 1 GB to files through TensorFlow (not installed): a larger set must
-    still be written. The buffer is shrunk here so that a small set crosses it."""
-    from tensorflow_datasets.core import shuffle
 
-    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1_000)
-    summary = samples.make_samples(shared_data / "wider_face", None, tmp_path, samples.SampleConfig(seed=1),
-                                   max_images=2, workers=1)
-    assert len(samples.load(tmp_path)) == summary["total"] > 1_000 // (3 * 12 * 12)
-    assert shuffle.MAX_MEM_BUFFER_SIZE == 1_000
+
+def test_source_datasets_are_built_once_per_folder_in_list_order(pnet_set, shared_data, tfds_dir):
+    """make_samples reads WIDER FACE through its TFDS dataset, built under tfds_dir in a folder of its own
+    (keyed by the source folder) with every training image, in the order of the ground-truth list."""
+    wider = shared_data / "wider_face"
+    data_dir = samples.source_data_dir(tfds_dir, wider)
+    assert data_dir != samples.source_data_dir(tfds_dir, shared_data / "lfw_net")
+    assert (data_dir / "mtcnn_wider_face").is_dir()
+    builder = samples.source_dataset(datasets.WiderFace, wider, tfds_dir)  # reused, not rebuilt
+    train = datasets.data_source(builder, "train", decode_images=False)
+    _, entries = datasets.wider_split(wider, "train")
+    assert len(train) == len(entries)
+    assert [r["image/filename"].decode() for r in train.__getitems__(range(20))] == [e["path"] for e in entries[:20]]
+    assert isinstance(train[0]["image"], bytes)
+
+
+def _random_parts(n: int, per_image: int, rng: np.random.Generator) -> tuple[list[str], dict, np.ndarray, list[dict]]:
+    keys = [f"wider{i // per_image:08d}_{i % per_image:05d}" for i in range(n)]
+    table = {"label": rng.choice([0, 1, -1, -2], n).astype(np.int32), "box": rng.normal(size=(n, 4)).astype(np.float32),
+             "landmarks": rng.random((n, 10), np.float32), "crop": rng.normal(size=(n, 4)).astype(np.float32),
+             "flipped": rng.random(n) < 0.5}
+    pixels = rng.integers(0, 256, (n, 12, 12, 3), np.uint8)
+    parts = [{"keys": keys[a : a + per_image], "source": f"image{a // per_image}.jpg",
+              "table": {k: v[a : a + per_image] for k, v in table.items()}, "pixels": pixels[a : a + per_image]}
+             for a in range(0, n, per_image)]
+    return keys, table, pixels, parts
+
+
+def test_sample_sets_are_written_shard_by_shard_in_key_hash_order(tmp_path, monkeypatch):
+    """The sample set builder writes bounded shards itself (no TFDS shuffle buffer), in the order of the
+    keys' salted MD5: the order TFDS's shuffling writer gave before, so earlier sets are the same."""
+    n, per_image = 250, 25
+    keys, table, pixels, parts = _random_parts(n, per_image, np.random.default_rng(0))
+    staged = datasets.stage_samples(tmp_path / "staged", 12, n, iter(parts))
+    monkeypatch.setattr(sample_sets, "SHARD_RECORDS", 100)
+    builder = datasets.build(datasets.MtcnnSamples, staged, tmp_path / "out", config="pnet")
+    assert builder.info.splits["train"].shard_lengths == [100, 100, 50]
+    order = sample_sets.record_order(keys)
+    hasher = hashing.Hasher("train")
+    assert order.tolist() == sorted(range(n), key=lambda i: hasher.hash_key(keys[i]))
+    s = load_samples(tmp_path / "out")
+    assert len(s) == n
+    for j, r in enumerate(s.__getitems__(range(n))):
+        i = order[j]
+        assert r["source"] == f"image{i // per_image}.jpg" and r["label"] == table["label"][i]
+        assert r["flipped"] == table["flipped"][i]
+        for k in ("box", "landmarks", "crop"):
+            np.testing.assert_array_equal(r[k], table[k][i])
+        np.testing.assert_array_equal(r["image"], pixels[i])
+
+
+def test_sample_workers_import_neither_jax_nor_tfds(tmp_path):
+    """A spawned worker imports the worker module and, as its __main__, the script that started it: under
+    the console script or `python -m mtcnn_jax.samples` that is the samples module. Neither may pull in
+    JAX or TFDS, checked inside a real spawned worker of a script that imports samples like the CLI."""
+    script = tmp_path / "cli_like.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp
+        import sys
+
+        from mtcnn_jax import samples  # what the console script and python -m import
+        from mtcnn_jax import sample_worker
+
+        def heavy_modules():
+            return [m for m in ("jax", "tensorflow_datasets", "tensorflow") if m in sys.modules]
+
+        if __name__ == "__main__":
+            assert "mtcnn_jax.sample_worker" in sys.modules
+            with mp.get_context("spawn").Pool(1) as pool:
+                print("worker:", pool.apply(heavy_modules))
+            print("main:", heavy_modules())
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "worker: []" in out.stdout and "main: []" in out.stdout, out.stdout
