@@ -1,26 +1,38 @@
-"""Orbax checkpoints of MTCNN params: the three stages together (a "cascade"), as the detector reads them.
+"""MTCNN params and training runs on disk: cascade checkpoints, a training WORKDIR's layout, and assembling the
+cascade the detector reads from trained stages and the original weights.
 
 A cascade checkpoint is an Orbax StandardCheckpointer directory holding the tree
 {"pnet": ..., "rnet": ..., "onet": ...} of plain arrays, the same trees `nets.init_params` and
 `pretrained.load_pretrained` give. Restored leaves are numpy arrays: no training objects needed.
 
-`load_params` also reads one stage's params from a training run (`mtcnn_jax.train`): a WORKDIR with
-config.json and checkpoints/ (an Orbax CheckpointManager directory of steps, each holding
-{"params", "opt_state", "step", "rng"}).
+A training WORKDIR (`mtcnn_jax.train`) holds config.json (the run's TrainConfig), metrics.jsonl (one JSON
+object per logged step; "split": "train" or "val") and checkpoints/ (an Orbax CheckpointManager directory of
+steps, each holding {"params", "opt_state", "step", "rng"}; the latest is resumed).
+
+    python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN ...] [--rnet RUN ...] [--onet RUN ...] [--source WHEEL]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtcnn_jax.nets import param_count
+from mtcnn_jax.pretrained import WHEEL_NAME, load_pretrained
 from mtcnn_jax.stages import STAGES
 
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+# ------------------------------------------------------------------------------------ cascade checkpoints
 
 
 def save_cascade(directory: str | Path, params: dict[str, Any], *, force: bool = False) -> Path:
@@ -37,7 +49,7 @@ def save_cascade(directory: str | Path, params: dict[str, Any], *, force: bool =
 
 
 def load_cascade(directory: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_cascade` (or `python -m mtcnn_jax.pretrained --out`)."""
+    """Read a checkpoint written by `save_cascade` (or `python -m mtcnn_jax.checkpoints --out`)."""
     path = Path(directory).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
@@ -75,12 +87,12 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
         raise FileNotFoundError(f"no checkpoint or training directory at {path}")
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if config.is_file():
         trained = json.loads(config.read_text()).get("stage")
         if stage is not None and stage != trained:
             raise ValueError(f"{path} is a {trained} training run, not {stage}")
-        path = path / "checkpoints"
+        path = path / CHECKPOINT_DIR
     if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
         latest = _latest_step_dir(path)
         if latest is None:
@@ -98,6 +110,10 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
     return _numpy(tree[stage])
 
 
+def _shapes(tree: Any) -> Any:
+    return jax.tree_util.tree_map(np.shape, tree)
+
+
 def average_params(trees: Sequence[Any]) -> Any:
     """The leaf-wise mean of several param trees of one stage (a uniform "model soup", Wortsman et al. 2022).
 
@@ -106,49 +122,145 @@ def average_params(trees: Sequence[Any]) -> Any:
     trees = list(trees)
     if not trees:
         raise ValueError("no params to average")
-    shapes = [jax.tree_util.tree_map(np.shape, tree) for tree in trees]  # as train.initial_params checks trees
+    shapes = [_shapes(tree) for tree in trees]
     if any(other != shapes[0] for other in shapes[1:]):
         raise ValueError("cannot average params of different structures or shapes")
     return jax.tree_util.tree_map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
 
 
-def assemble_cascade(out: str | Path, stages: dict[str, Any], *, force: bool = False) -> Path:
-    """A cascade checkpoint at `out` from trained stages ({stage: training WORKDIR or checkpoint, or a list of
-    them, whose params are averaged}) and the original released weights for the stages not given: what mining
-    the next stage and `detect` read."""
-    from mtcnn_jax.pretrained import load_pretrained
-
+def cascade_params(stages: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
+    """The three stages' params from trained stages ({stage: training WORKDIR or checkpoint, or a list of them,
+    whose params are averaged}) and the original released weights (read from `source`, see
+    `pretrained.load_pretrained`) for the stages not given."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {STAGES}")
-    params = load_pretrained() if len(stages) < len(STAGES) else {}
+    params = load_pretrained(source) if len(stages) < len(STAGES) else {}
     for stage, paths in stages.items():
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         params[stage] = average_params([load_params(path, stage) for path in paths])
-    return save_cascade(out, params, force=force)
+    return params
+
+
+def assemble_cascade(out: str | Path, stages: dict[str, Any], *, force: bool = False,
+                     source: str | Path | None = None) -> Path:
+    """A cascade checkpoint at `out` of `cascade_params(stages, source)`: what mining the next stage and
+    `detect` read."""
+    return save_cascade(out, cascade_params(stages, source), force=force)
+
+
+def initial_params(init_from: str, stage: str, fresh: Any) -> Any:
+    """The params `init_from` names (a training WORKDIR, a checkpoint directory, or "original" for the released
+    weights), checked against the tree of `fresh` params: the start of a fine-tuning run."""
+    params = load_pretrained()[stage] if init_from == "original" else load_params(init_from, stage)
+    want, got = _shapes(fresh), _shapes(params)
+    if got != want:
+        raise ValueError(f"--init-from {init_from}: not {stage} params (shapes {got}, expected {want})")
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+# --------------------------------------------------------------------------------- a training WORKDIR
+
+
+def check_workdir(workdir: str | Path, stage: str, optimizer: str, init_from: str = "") -> Path:
+    """`workdir` as a Path if a run of `stage` with `optimizer` can start or resume there (a new folder, or one
+    holding such a run) and `init_from` names a folder or "original"; else ValueError / FileNotFoundError."""
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    checkpoints = workdir / CHECKPOINT_DIR
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous.get("stage") != stage:
+            raise ValueError(f"{workdir} holds a {previous.get('stage')} run ({CONFIG_FILE}); refusing to train "
+                             f"{stage} there")
+        previous_optimizer = previous.get("optimizer", "sgd")  # runs from before the flag were SGD
+        if previous_optimizer != optimizer:
+            raise ValueError(f"{workdir} holds a run with optimizer {previous_optimizer}: its checkpoints cannot "
+                             f"resume with {optimizer}")
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ValueError(f"{checkpoints} exists without {CONFIG_FILE}: cannot tell which stage it holds")
+    if init_from not in ("", "original") and not Path(init_from).is_dir():
+        raise FileNotFoundError(f"--init-from {init_from}: no training run or checkpoint there")
+    return workdir
+
+
+def write_config(workdir: Path, config: dict[str, Any]) -> None:
+    """Save the run config as WORKDIR/config.json (rewritten on resume, e.g. with more steps)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def checkpoint_manager(workdir: Path, max_to_keep: int) -> ocp.CheckpointManager:
+    """Orbax manager of WORKDIR/checkpoints, keeping the last `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).resolve(), options=options)
+
+
+def state_tree(step: Any, params: Any, opt_state: Any, seed: int) -> dict[str, Any]:
+    """The tree a training checkpoint holds: params, opt_state, step and the run's base rng key data."""
+    rng = jax.random.key_data(jax.random.key(seed))
+    return {"params": params, "opt_state": opt_state, "step": step, "rng": rng}
+
+
+def save_state(manager: ocp.CheckpointManager, tree: dict[str, Any]) -> None:
+    """Save a `state_tree` as the checkpoint of its step (written in the background; the manager waits on close)."""
+    manager.save(int(tree["step"]), args=ocp.args.StandardSave(tree))
+
+
+def restore_state(manager: ocp.CheckpointManager, like: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest checkpoint's `state_tree`, restored into the structure and dtypes of `like`; None if none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def write_metrics(workdir: Path, record: dict[str, Any]) -> None:
+    """Append one JSON object (one line) to WORKDIR/metrics.jsonl."""
+    with open(Path(workdir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(workdir: Path, step: int) -> None:
+    """Drop the records logged after `step`: a run killed between checkpoints redoes those steps on resume."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN ...] [--rnet RUN ...] [--onet RUN ...] [--force]."""
-    import argparse
-
+    """CLI: a cascade checkpoint from training runs and the original weights (all of them when no stage is given)."""
     p = argparse.ArgumentParser(
         prog="python -m mtcnn_jax.checkpoints",
-        description="Assemble a cascade checkpoint (the format detect --weights and samples --weights read) "
-                    "from training runs; stages not given keep the original released weights.")
+        description="Write a cascade checkpoint (the format detect --weights and samples --weights read) from "
+                    "training runs; stages not given keep the original released weights (so with none given, "
+                    "it writes the original weights).")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     for stage in STAGES:
         p.add_argument(f"--{stage}", nargs="+", metavar="RUN",
                        help=f"{stage} training WORKDIR (latest step) or checkpoint directory; several: their mean")
+    p.add_argument("--source", default=None,
+                   help=f"where the original weights are read from: a {WHEEL_NAME} or a folder with the .lz4 files")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     args = p.parse_args(argv)
     stages = {s: getattr(args, s) for s in STAGES if getattr(args, s)}
     try:
-        path = assemble_cascade(args.out, stages, force=args.force)
-    except (FileNotFoundError, ValueError) as e:
+        params = cascade_params(stages, args.source)
+        path = save_cascade(args.out, params, force=args.force)
+    except (FileNotFoundError, ValueError) as e:  # pretrained's WeightsNotFoundError / WeightsIntegrityError too
         raise SystemExit(f"error: {e}") from None
     sources = {s: " + ".join(map(str, v)) + (" (mean)" if len(v) > 1 else "") for s, v in stages.items()}
-    print(f"wrote {path}: " + ", ".join(f"{s} from {sources.get(s, 'the original weights')}" for s in STAGES))
+    counts = ", ".join(f"{s} {param_count(params[s]):,}" for s in STAGES)
+    print(f"wrote {path}: " + ", ".join(f"{s} from {sources.get(s, 'the original weights')}" for s in STAGES)
+          + f" (params: {counts})")
 
 
 if __name__ == "__main__":

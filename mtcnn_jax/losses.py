@@ -23,7 +23,6 @@ import optax
 from mtcnn_jax.stages import LANDMARK, NEGATIVE, PART, POSITIVE
 
 
-
 class LossWeights(NamedTuple):
     """Weights of the detection, box and landmark terms (the paper's alpha_det for the cls term, alpha_box, alpha_landmark)."""
 

@@ -10,12 +10,12 @@ The Keras convolution kernels already carry that transpose, and the `mtcnn` pack
 feature map (Permute((2, 1, 3))) right before the first fully connected layer. We fold that permute
 into the first FC kernel once, here, so our nets flatten ordinary row-major feature maps.
 
-Command line: `python -m mtcnn_jax.pretrained --out DIR` writes the weights as an Orbax checkpoint.
+Command line: `python -m mtcnn_jax.checkpoints --out DIR [--source WHEEL]` writes them as an Orbax cascade
+checkpoint (checkpoints.py reads the weights through this module, never the other way round).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import jax
+import joblib  # lz4 must be installed too: joblib decompresses through it
 import numpy as np
 
 WHEEL_NAME = "mtcnn-1.0.0-py3-none-any.whl"
@@ -132,8 +134,6 @@ def _read_asset(location: Path, stage: str) -> tuple[str, bytes]:
 
 def read_release(source: str | os.PathLike | None = None) -> dict[str, list[np.ndarray]]:
     """The released arrays per net, in Keras get_weights() order, each file hash-checked before unpickling."""
-    import joblib  # lz4 must be installed too: joblib decompresses through it
-
     location = locate(source)
     out = {}
     for stage, expected in ASSET_SHA256.items():
@@ -196,32 +196,6 @@ def load_pretrained(source: str | os.PathLike | None = None) -> dict[str, Any]:
     `source`: a wheel or folder to read; by default $MTCNN_JAX_WEIGHTS, an installed `mtcnn`, or the
     wheel downloaded once into `cache_dir()`. Converted once per process.
     """
-    import jax
-
     params = _load_cached(None if source is None else str(source))
     return jax.tree_util.tree_map(np.copy, params)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: write the original weights as an Orbax cascade checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m mtcnn_jax.pretrained", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="checkpoint directory to write (must not exist)")
-    parser.add_argument("--source", default=None, help=f"a {WHEEL_NAME} or a folder with the .lz4 files")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
-    args = parser.parse_args(argv)
-    from mtcnn_jax.checkpoints import save_cascade
-    from mtcnn_jax.nets import param_count
-
-    try:
-        params = load_pretrained(args.source)
-    except (WeightsNotFoundError, WeightsIntegrityError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    path = save_cascade(args.out, params, force=args.force)
-    counts = ", ".join(f"{s} {param_count(p):,}" for s, p in params.items())
-    print(f"wrote the original MTCNN weights ({counts} params) to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

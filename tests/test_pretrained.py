@@ -4,6 +4,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import joblib
 import numpy as np
 import pytest
@@ -120,8 +121,6 @@ def test_nets_equal_independent_keras_forward(params, release, stage, shape):
 
 
 def test_converted_trees_match_init_shapes(params):
-    import jax
-
     fresh = nets.init_params(jax.random.key(0))
     for stage in ("pnet", "rnet", "onet"):
         assert jax.tree_util.tree_map(np.shape, params[stage]) == jax.tree_util.tree_map(np.shape, fresh[stage])
@@ -188,8 +187,6 @@ def test_sources_folder_env_and_installed_package(wheel, assets, tmp_path, monke
 
 
 def test_orbax_round_trip_is_identical(params, tmp_path):
-    import jax
-
     path = checkpoints.save_cascade(tmp_path / "ckpt", params)
     back = checkpoints.load_cascade(path)
     flat_a, tree_a = jax.tree_util.tree_flatten(params)
@@ -200,13 +197,14 @@ def test_orbax_round_trip_is_identical(params, tmp_path):
 
 
 def test_cli_writes_a_checkpoint(wheel, params, tmp_path):
+    """`python -m mtcnn_jax.checkpoints --out DIR` with no trained stage writes the original weights."""
     out = tmp_path / "weights"
-    result = subprocess.run([sys.executable, "-m", "mtcnn_jax.pretrained", "--out", str(out), "--source", str(wheel)],
+    result = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(out), "--source", str(wheel)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "pnet 6,632" in result.stdout
+    assert "onet from the original weights" in result.stdout and "pnet 6,632" in result.stdout
     back = checkpoints.load_cascade(out)
     np.testing.assert_array_equal(back["rnet"]["fc4"]["kernel"], params["rnet"]["fc4"]["kernel"])
-    bad = subprocess.run([sys.executable, "-m", "mtcnn_jax.pretrained", "--out", str(tmp_path / "x"),
+    bad = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(tmp_path / "x"),
                           "--source", str(tmp_path / "missing.whl")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and not (tmp_path / "x").exists()

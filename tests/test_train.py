@@ -1,4 +1,5 @@
-"""The trainer: flips, data-parallel equivalence, resume, learning, bad input, NaN stop, load_params."""
+"""The trainer: data-parallel equivalence, resume, streamed vs in-memory runs, learning, bad input, NaN stop,
+the checkpoint layout, load_params and init-from (the input pipeline itself: test_input_pipeline.py)."""
 
 import dataclasses
 import json
@@ -12,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from mtcnn_jax import checkpoints, train
+from mtcnn_jax import checkpoints, input_pipeline, sample_geometry, train, train_step
+from mtcnn_jax import samples as samples_module
+from mtcnn_jax.datasets import load_samples
 from mtcnn_jax.stages import STAGES
+from mtcnn_jax.train_config import CONFIGS, TrainConfig
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,7 +40,7 @@ def synthetic_samples(n: int, size: int, seed: int = 0) -> list[dict]:
 
 # One config for most runs, so the pmapped step compiles once for the whole file.
 BASE = dataclasses.replace(
-    train.CONFIGS["pnet"], steps=12, batch_size=16, learning_rate=0.01, lr_decay_fractions=(0.5,),
+    CONFIGS["pnet"], steps=12, batch_size=16, learning_rate=0.01, lr_decay_fractions=(0.5,),
     log_interval=3, eval_interval=6, checkpoint_interval=3, val_fraction=0.1,
 )
 
@@ -48,17 +52,17 @@ def samples():
 
 def interrupt_at(monkeypatch, step, nan=False):
     """From training step `step` on, batch assembly raises (a simulated kill) or yields NaN box targets."""
-    original = train.training_batch
+    original = input_pipeline.training_batch
 
-    def batch(arrays, train_idx, config, s):
-        out = original(arrays, train_idx, config, s)
+    def batch(samples, train_idx, config, s):
+        out = original(samples, train_idx, config, s)
         if s >= step:
             if not nan:
                 raise KeyboardInterrupt("simulated kill")
             out["box"] = np.full_like(out["box"], np.nan)
         return out
 
-    monkeypatch.setattr(train, "training_batch", batch)
+    monkeypatch.setattr(input_pipeline, "training_batch", batch)
 
 
 def read_metrics(workdir):
@@ -70,126 +74,30 @@ def assert_trees_close(a, b, **kw):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
-# ------------------------------------------------------------------------------------------------ flips
-
-
-def test_flip_batch_mirrors_image_box_and_landmarks():
-    image = np.zeros((1, 12, 12, 3), np.uint8)
-    image[0, 4, 3] = 255  # a pixel at the left eye: x = 0.3 * 12 = 3.6 -> column 3, y = 0.4 * 12 -> row 4
-    landmarks = np.array([[0.3, 0.7, 0.5, 0.35, 0.65, 0.4, 0.45, 0.6, 0.8, 0.85]], np.float32)
-    batch = {"image": image, "label": np.array([1]), "box": np.array([[0.1, -0.2, -0.3, 0.05]], np.float32),
-             "landmarks": landmarks, "flipped": np.array([False])}
-    flipped = train.flip_batch(batch)
-    np.testing.assert_array_equal(flipped["image"][0, 4, 8], [255, 255, 255])  # column 11 - 3 = 8
-    np.testing.assert_allclose(flipped["box"], [[0.3, -0.2, -0.1, 0.05]])  # (dx1, dx2) -> (-dx2, -dx1)
-    # x -> 1 - x, then left/right eyes and mouth corners swap (y values move with their points).
-    np.testing.assert_allclose(flipped["landmarks"], [[0.3, 0.7, 0.5, 0.35, 0.65, 0.45, 0.4, 0.6, 0.85, 0.8]],
-                               atol=1e-6)
-    # The flipped right eye (index 1) sits on the mirrored pixel: x = 0.7 * 12 = 8.4 -> column 8, y row 4.
-    assert int(flipped["landmarks"][0, 1] * 12) == 8 and int(flipped["landmarks"][0, 6] * 12) == 4
-    assert flipped["flipped"][0]
-    twice = train.flip_batch(flipped)
-    for key in ("image", "box", "landmarks"):
-        np.testing.assert_allclose(twice[key], batch[key], atol=1e-6)
-
-
-def test_flip_batch_only_touches_selected_samples(samples):
-    batch = train.gather(samples, [0, 1])
-    out = train.flip_batch(batch, np.array([False, True]))
-    np.testing.assert_array_equal(out["image"][0], batch["image"][0])
-    np.testing.assert_array_equal(out["image"][1], batch["image"][1][:, ::-1])
-    np.testing.assert_array_equal(out["box"][0], batch["box"][0])
-
-
-def test_jitter_colors_against_hand_computed_values():
-    images = np.array([[[[100, 50, 20], [200, 100, 40]]]], np.uint8)  # one 1x2 image
-    np.testing.assert_array_equal(train.jitter_colors(images, np.ones((1, 3))), images)  # factors of 1: unchanged
-    # Brightness 1.2: (120, 60, 24), (240, 120, 48); greys 73.836 and 147.672, mean 110.754. Contrast 0.5
-    # halves each pixel's distance to 110.754, so the greys become 92.295 and 129.213; saturation 0 leaves
-    # the greys.
-    out = train.jitter_colors(images, np.array([[1.2, 0.5, 0.0]]))
-    np.testing.assert_array_equal(out, [[[[92, 92, 92], [129, 129, 129]]]])
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(train.jitter_colors(images, np.array([[2.0, 1, 1]])), [[[[200, 100, 40], [255, 200, 80]]]])
-
-
-def _images_changed(samples, **augmentation) -> np.ndarray:
-    """Which images of a batch an augmentation changes (B,), after checking that it is reproducible for one
-    (seed, step) and leaves every other field of the batch as it was."""
-    arrays, idx = train.load_arrays(samples, BASE), np.arange(len(samples))
-    augmented = dataclasses.replace(BASE, **augmentation)
-    plain, a, b = (train.training_batch(arrays, idx, c, 3) for c in (BASE, augmented, augmented))
-    for key in plain:
-        np.testing.assert_array_equal(a[key], b[key])
-        if key != "image":
-            np.testing.assert_array_equal(a[key], plain[key])
-    return np.abs(a["image"].astype(int) - plain["image"]).max(axis=(1, 2, 3)) > 0
-
-
-def test_color_jitter_changes_only_images_and_is_reproducible(samples):
-    changed = _images_changed(samples, color_jitter=0.4)
-    assert changed.mean() > 0.9  # factors drawn per sample from [0.6, 1.4]: almost never all ~1
-    with pytest.raises(ValueError, match="--color-jitter 1.5"):
-        train.train(dataclasses.replace(BASE, color_jitter=1.5), samples, "unused")
-
-
-def test_blur_images_against_hand_computed_values():
-    images = np.zeros((3, 9, 9, 3), np.uint8)
-    images[:2, 4, 4] = 255  # an impulse in the middle
-    images[2] = 77  # flat grey
-    out = train.blur_images(images, np.array([0.0, 1.0, 1.4]))
-    np.testing.assert_array_equal(out[0], images[0])  # sigma 0: unchanged
-    # sigma 1: output row r weighs input row i by exp(-(r - i)^2 / 2), normalised over the crop's 9 rows
-    # (so rows near the border lean inwards); the impulse at (4, 4) becomes 255 * k[r, 4] * k[c, 4].
-    k = np.exp(-0.5 * (np.arange(9)[:, None] - np.arange(9)[None, :]) ** 2)
-    k /= k.sum(1, keepdims=True)
-    np.testing.assert_allclose(out[1][..., 0], 255 * np.outer(k[:, 4], k[:, 4]), atol=0.501)  # rounded to uint8
-    assert out[1][4, 4, 0] == 41 and out[1][3, 4, 0] == 25  # 255 * 0.3990^2, 255 * 0.3990 * 0.2420
-    np.testing.assert_array_equal(out[2], images[2])  # rows renormalised at the borders: flat stays flat
-
-
-def test_blur_changes_only_the_chosen_images_and_is_reproducible(samples):
-    changed = _images_changed(samples, blur_probability=0.5, blur_sigma=2.0)
-    chosen = np.random.default_rng([BASE.seed, 3, 3]).random(BASE.batch_size) < 0.5  # training_batch's draw
-    assert 0 < chosen.sum() < BASE.batch_size and not changed[~chosen].any()
-    assert changed[chosen].mean() > 0.8  # only a sigma near 0 can leave a crop as it was
-    with pytest.raises(ValueError, match="--blur-probability 1.5"):
-        train.train(dataclasses.replace(BASE, blur_probability=1.5), samples, "unused")
-
-
-def test_training_batches_are_a_function_of_seed_and_step(samples):
-    train_idx, val_idx = train.split_indices(len(samples), 0.1)
-    assert len(val_idx) == 7 and not set(train_idx) & set(val_idx) and len(train_idx) + 7 == len(samples)
-    a, b = (train.training_batch(train.load_arrays(samples, BASE), train_idx, BASE, 5) for _ in range(2))
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
-    epoch = np.concatenate([train.step_indices(train_idx, 0, s, 9) for s in range(7)])  # 63 = one epoch
-    assert sorted(epoch) == sorted(train_idx)
-
-
 # ------------------------------------------------------------------------------------ data parallelism
 
 PMAP_SCRIPT = textwrap.dedent(
     """
     import dataclasses, functools, sys
-    import jax, numpy as np
+    import flax.jax_utils, jax, numpy as np
     assert jax.local_device_count() == 2, jax.devices()
     sys.path.insert(0, {tests!r})
     from test_train import synthetic_samples
-    from mtcnn_jax import train
+    from mtcnn_jax import input_pipeline, train, train_step
+    from mtcnn_jax.train_config import CONFIGS
 
-    config = dataclasses.replace(train.CONFIGS["rnet"], batch_size=16, steps=10, learning_rate=0.05,
+    config = dataclasses.replace(CONFIGS["rnet"], batch_size=16, steps=10, learning_rate=0.05,
                                  ohem_ratio=0.5)
     samples = synthetic_samples(40, 24)
-    arrays = train.load_arrays(samples, config)
+    data = input_pipeline.InMemorySamples(input_pipeline.load_arrays(samples, config))
     idx = np.arange(len(samples))
-    single = jax.jit(functools.partial(train.train_step, config=config, axis_name=None))
-    state1 = train.init_state(config)
-    state2 = train.flax.jax_utils.replicate(state1)
+    single = jax.jit(functools.partial(train_step.train_step, config=config, axis_name=None))
+    state1 = train_step.init_state(config)
+    state2 = flax.jax_utils.replicate(state1)
     for step in range(3):
-        batch = train.training_batch(arrays, idx, config, step)
+        batch = input_pipeline.training_batch(data, idx, config, step)
         state1, m1 = single(state1, batch)
-        state2, m2 = train.compiled_step(config)(state2, train.shard(batch, 2))
+        state2, m2 = train_step.compiled_step(config)(state2, train_step.shard(batch, 2))
         jax.block_until_ready((state1, state2))
         for k in m1:
             np.testing.assert_allclose(m2[k][0], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -239,6 +147,15 @@ def test_metrics_checkpoints_and_config(uninterrupted):
     assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
     assert json.loads((workdir / "config.json").read_text())["stage"] == "pnet"
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [6, 9, 12]  # max_to_keep=3
+
+
+def test_in_memory_run_equals_the_streamed_one(samples, uninterrupted, tmp_path):
+    state = train.train(BASE, samples, tmp_path, in_memory=True)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(uninterrupted[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    timeless = [[{k: v for k, v in r.items() if k != "samples_per_sec"} for r in read_metrics(w)]
+                for w in (tmp_path, uninterrupted[0])]
+    assert timeless[0] == timeless[1]  # every loss and metric, train and val, bit for bit
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(samples, uninterrupted, tmp_path, monkeypatch):
@@ -319,9 +236,9 @@ def test_adam_matches_optax_adam_and_learns(tmp_path):
     """--optimizer adam: one step equals optax's Adam on the L2-regularised gradient, and a short run learns."""
     config = dataclasses.replace(BASE, optimizer="adam", learning_rate=3e-3, steps=40, batch_size=32,
                                  lr_decay_fractions=(), log_interval=10, eval_interval=40, checkpoint_interval=40)
-    state = train.init_state(config)
+    state = train_step.init_state(config)
     grads = jax.tree_util.tree_map(lambda p: np.full(p.shape, 0.5, np.float32), state.params)
-    updates, _ = train.make_optimizer(config).update(grads, state.opt_state, state.params)
+    updates, _ = train_step.make_optimizer(config).update(grads, state.opt_state, state.params)
     # Adam's first step moves every parameter by -lr * sign(g + wd * p) (m / sqrt(v) = +-1 up to eps).
     for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(state.params), strict=True):
         np.testing.assert_allclose(np.asarray(u), -3e-3 * np.sign(0.5 + 5e-4 * np.asarray(p)), rtol=1e-4)
@@ -343,14 +260,12 @@ def test_unknown_optimizer_and_optimizer_switch_are_refused(samples, tmp_path):
 
 def test_real_samples_loss_decreases(shared_data, tmp_path):
     """A short P-Net run on a small real sample set (20 WIDER images, 60 landmark faces) learns."""
-    from mtcnn_jax import samples as samples_module
-
     directory = os.environ.get("MTCNN_JAX_SAMPLES")
     if directory is None:
         directory = tmp_path / "samples"
         samples_module.make_samples(shared_data / "wider_face", shared_data / "lfw_net", directory,
-                                    samples_module.SampleConfig(seed=3), max_images=20, max_landmarks=60, workers=1)
-    source = samples_module.load(directory)
+                                    sample_geometry.SampleConfig(seed=3), max_images=20, max_landmarks=60, workers=1)
+    source = load_samples(directory)
     config = dataclasses.replace(BASE, steps=60, batch_size=64, learning_rate=0.05, lr_decay_fractions=(),
                                  log_interval=20, eval_interval=60, checkpoint_interval=60)
     train.train(config, source, tmp_path / "run")
@@ -358,16 +273,6 @@ def test_real_samples_loss_decreases(shared_data, tmp_path):
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert losses[-1] < losses[0], losses
     assert [r["step"] for r in records if r["split"] == "val"] == [60]
-
-
-def test_flip_batch_agrees_with_the_sample_writer(samples):
-    from mtcnn_jax import samples as samples_module
-
-    batch = train.gather(samples, range(7))
-    box, landmarks = samples_module.flip_targets(batch["box"], batch["landmarks"])
-    flipped = train.flip_batch(batch)
-    np.testing.assert_allclose(flipped["box"], box, atol=1e-7)
-    np.testing.assert_allclose(flipped["landmarks"], landmarks, atol=1e-7)
 
 
 # -------------------------------------------------------------------------------------------- bad input
@@ -382,10 +287,24 @@ def test_flip_batch_agrees_with_the_sample_writer(samples):
     ],
     ids=["empty", "bad-label", "wrong-size"],
 )
-def test_bad_samples_fail_before_training(samples, tmp_path, change, message):
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streamed", "in-memory"])
+def test_bad_samples_fail_before_training(samples, tmp_path, change, message, in_memory):
+    # Streamed, the first batch's worth of samples (16 here) is checked before anything is written.
     with pytest.raises(ValueError, match=message):
-        train.train(BASE, change(list(samples)), tmp_path)
+        train.train(BASE, change(list(samples)), tmp_path, in_memory=in_memory)
     assert not any(tmp_path.iterdir())  # nothing written: no config.json, metrics or checkpoints
+
+
+def test_streaming_stops_at_a_bad_sample_keeping_the_checkpoints(samples, tmp_path):
+    train_idx, _ = input_pipeline.split_indices(len(samples), BASE.val_fraction)
+    # A training sample past the first batch's worth (checked at start-up) that the fourth step (index 3, the
+    # last quarter of the first epoch's permutation) reads first: the run stops there, after the checkpoint at 3.
+    target = next(int(i) for i in input_pipeline.step_indices(train_idx, BASE.seed, 3, 16) if i >= 16)
+    bad = list(samples)
+    bad[target] = {**bad[target], "label": 7}
+    with pytest.raises(ValueError, match=rf"samples \[{target}\]: labels \[7\] not in"):
+        train.train(BASE, bad, tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3]
 
 
 def test_batch_not_divisible_over_devices(samples, tmp_path, monkeypatch):
@@ -407,12 +326,14 @@ def test_cli_flags_map_onto_config_fields():
          "--learning-rate", "0.5", "--lr-decay-fractions", "0.5,0.9", "--seed", "3"]
     )
     config = train.config_from_args(args)
-    assert config == dataclasses.replace(train.CONFIGS["onet"], steps=7, batch_size=8, learning_rate=0.5,
+    assert config == dataclasses.replace(CONFIGS["onet"], steps=7, batch_size=8, learning_rate=0.5,
                                          lr_decay_fractions=(0.5, 0.9), seed=3)
     assert config.weights == (1.0, 0.5, 1.0) and config.input_size == 48
+    assert not args.in_memory and train.build_parser().parse_args(["--stage", "onet", "--data", "d", "--workdir", "w",
+                                                                   "--in-memory"]).in_memory
     flags = {a.dest for a in train.build_parser()._actions}
-    assert {f.name for f in dataclasses.fields(train.TrainConfig)} <= flags
-    for stage, c in train.CONFIGS.items():
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+    for stage, c in CONFIGS.items():
         assert f"--stage {stage}" in c.__doc__ and c.stage == stage
 
 
@@ -463,7 +384,7 @@ def test_assemble_cascade_cli_averages_several_runs(uninterrupted, original, tmp
 def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights, tmp_path):
     workdir, state = uninterrupted
     config = dataclasses.replace(BASE, init_from=str(workdir))
-    with train.checkpoint_manager(tmp_path / "a", config) as manager:
+    with checkpoints.checkpoint_manager(tmp_path / "a", config.max_checkpoints) as manager:
         start = train.restore_or_init(manager, config)
     assert int(start.step) == 0
     assert_trees_close(start.params, state.params)  # the run's latest params, a fresh optimizer state
@@ -471,9 +392,10 @@ def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights
     rnet = dataclasses.replace(BASE, stage="rnet", input_size=24, init_from=str(tmp_path / "cascade"))
     checkpoints.save_cascade(tmp_path / "cascade", {s: state.params for s in STAGES})  # P-Net trees
     with pytest.raises(ValueError, match="not rnet params"):
-        train.initial_params(rnet, train.init_state(rnet).params)
+        checkpoints.initial_params(rnet.init_from, "rnet", train_step.init_state(rnet).params)
     with pytest.raises(FileNotFoundError, match="init-from"):
-        train.check_run(tmp_path / "c", dataclasses.replace(BASE, init_from=str(tmp_path / "nowhere")), 1)
+        checkpoints.check_workdir(tmp_path / "c", "pnet", "sgd", init_from=str(tmp_path / "nowhere"))
     released = original_weights
     onet = dataclasses.replace(BASE, stage="onet", input_size=48, init_from="original")
-    assert_trees_close(train.initial_params(onet, train.init_state(onet).params), released["onet"])
+    assert_trees_close(checkpoints.initial_params("original", "onet", train_step.init_state(onet).params),
+                      released["onet"])

@@ -1,0 +1,128 @@
+"""One training step of a stage (Zhang et al. 2016, Sec. III-B): the multi-task loss with OHEM, its gradient
+pmean'ed over the local devices, and an SGD-momentum (Caffe's) or Adam update with L2 weight decay on a
+step learning-rate schedule; also the state it updates and the evaluation forward pass. Pure functions
+over explicit pytrees: dropout keys derive from (seed, step), so a step is a function of its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtcnn_jax import losses, nets
+from mtcnn_jax.train_config import TrainConfig
+
+AXIS = "batch"  # the named device axis of the data-parallel step
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The whole training state: step, params and optimizer state (dropout keys derive from (seed, step))."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """lr, divided by 10 at each of `config.lr_decay_fractions` of the steps."""
+    bounds = {max(1, int(round(f * config.steps))): 0.1 for f in config.lr_decay_fractions}
+    return optax.piecewise_constant_schedule(config.learning_rate, bounds)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """SGD with momentum (or Adam), L2 weight decay added to the gradient (as in Caffe), on the step schedule.
+    `config.optimizer` is one of train_config.OPTIMIZERS (train_config.check_config)."""
+    schedule = learning_rate_schedule(config)
+    step = {"sgd": lambda: optax.sgd(schedule, momentum=config.momentum), "adam": lambda: optax.adam(schedule)}
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), step[config.optimizer]())
+
+
+def init_state(config: TrainConfig) -> TrainState:
+    """Fresh params (seeded by config.seed) and optimizer state at step 0 (jitted: one compile, not one per op)."""
+    return _compiled_init(config)(jax.random.key(config.seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(config: TrainConfig) -> Any:
+    def init(rng: jax.Array) -> TrainState:
+        params = nets.init_params(rng, (config.stage,))[config.stage]
+        return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(config).init(params))
+
+    return jax.jit(init)
+
+
+def forward(stage: str, params: Any, images_uint8: jax.Array, dropout_rng: jax.Array | None = None) -> dict:
+    """The stage's net on uint8 crops, outputs flattened to (B, C) (P-Net gives (B, 1, 1, C) maps)."""
+    out = nets.NETS[stage](params, nets.normalize(images_uint8), dropout_rng=dropout_rng)
+    return {k: v.reshape(v.shape[0], -1) for k, v in out.items()}
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], config: TrainConfig, axis_name: str | None = AXIS
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on this device's share of the batch; gradients and metrics are `pmean`ed over `axis_name`.
+
+    A pure function: with `axis_name` it runs under `pmap`/`shard_map` over a named device axis, and
+    the pmean'ed gradient equals the gradient of the loss on the global batch (see `losses`).
+    """
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step), 0)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    dropout_rng = rng if config.stage == "onet" else None
+
+    def loss_fn(params):
+        outputs = forward(config.stage, params, batch["image"], dropout_rng)
+        return losses.multitask_loss(outputs, batch, config.weights, config.ohem_ratio, axis_name)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    tx = make_optimizer(config)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics["learning_rate"] = learning_rate_schedule(config)(state.step)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(config: TrainConfig) -> Any:
+    """`train_step` pmapped over all local devices (cached per config, so repeated runs compile once)."""
+    return jax.pmap(functools.partial(train_step, config=config, axis_name=AXIS), axis_name=AXIS)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_forward(stage: str) -> Any:
+    """The deterministic (evaluation) forward pass, jitted."""
+    return jax.jit(functools.partial(forward, stage))
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_loss(weights: losses.LossWeights, ohem_ratio: float) -> Any:
+    """`losses.multitask_loss` with fixed weights and OHEM ratio, jitted."""
+    return jax.jit(functools.partial(losses.multitask_loss, weights=weights, ohem_ratio=ohem_ratio))
+
+
+def shard(batch: dict[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
+    """Split the global batch (B, ...) into (devices, B / devices, ...)."""
+    return {k: v.reshape((devices, v.shape[0] // devices) + v.shape[1:]) for k, v in batch.items()}
+
+
+def evaluate(params: Any, batches: Iterable[dict[str, np.ndarray]], config: TrainConfig) -> dict[str, float]:
+    """Loss terms and metrics over `batches` (input_pipeline.eval_batches: padded, unaugmented), all at once:
+    no OHEM, no dropout."""
+    forward_fn = compiled_forward(config.stage)
+    outs, kept = [], []
+    for batch in batches:
+        outs.append(jax.device_get(forward_fn(params, batch["image"])))
+        kept.append({k: batch[k] for k in ("label", "box", "landmarks")})
+    outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    targets = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+    _, metrics = compiled_loss(config.weights, 1.0)(outputs, targets)
+    return {k: float(v) for k, v in metrics.items()}
