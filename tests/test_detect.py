@@ -275,7 +275,6 @@ def test_cli_end_to_end(reference, tmp_path, capsys):
     assert Image.open(drawn / "ivan.jpg").size == Image.open(reference / "ivan.jpg").size
 
 
-@pytest.mark.skipif(not os.environ.get("MTCNN_JAX_SLOW_TESTS"), reason="~2 min of compiles; set MTCNN_JAX_SLOW_TESTS=1")
 def test_cli_whole_reference_folder(reference, tmp_path, capsys):
     code, result, out, err = run_cli([str(reference)], tmp_path, capsys)
     photos = sorted(p.name for p in reference.iterdir() if p.suffix == ".jpg")
