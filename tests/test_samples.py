@@ -287,6 +287,31 @@ def test_sample_sets_are_written_shard_by_shard_in_key_hash_order(tmp_path, monk
         np.testing.assert_array_equal(r["image"], pixels[i])
 
 
+def test_sample_sets_read_as_tfds_decodes_them(tmp_path):
+    """`Samples` parses the records itself (fast, a batch at a time): every field of every record is what
+    TFDS's own decode gives (label/flipped as python int/bool, source as str), dtypes and shapes included."""
+    n = 60
+    *_, parts = _random_parts(n, 7, np.random.default_rng(1))  # pixels 0-255, labels 1, 0, -1, -2
+    staged = datasets.stage_samples(tmp_path / "staged", 12, n, iter(parts))
+    builder = datasets.build(datasets.MtcnnSamples, staged, tmp_path / "out", config="pnet")
+    plain = {"label": int, "flipped": bool, "source": bytes.decode}
+    expected = [{k: plain.get(k, lambda v: v)(v) for k, v in r.items()}
+                for r in builder.as_data_source(split="train").__getitems__(list(range(n)))]
+    s = load_samples(tmp_path / "out")
+    order = [5, 0, 59, 5, 31]
+    for got, want in zip([*s.__getitems__(range(n)), *s.__getitems__(np.array(order)), *(s[i] for i in order)],
+                         [*expected, *(expected[i] for i in order), *(expected[i] for i in order)]):
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert type(got[k]) is type(v), k
+            if isinstance(v, np.ndarray):
+                assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+                np.testing.assert_array_equal(got[k], v)
+            else:
+                assert got[k] == v, k
+    assert s.__getitems__([]) == [] and len(s) == n
+
+
 def test_sample_workers_import_neither_jax_nor_tfds(tmp_path):
     """A spawned worker imports the worker module and, as its __main__, the script that started it: under
     the console script or `python -m mtcnn_jax.samples` that is the samples module. Neither may pull in
