@@ -176,6 +176,8 @@ def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_
     Images of one bucket run `batch_size` at a time (default `buckets.default_batch_size()`). Warns
     (CapacityWarning) naming the image and stage when a fixed capacity dropped candidates.
     """
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(f"detect_batch takes a list of images, not one path ({images!r}): use detect() for one")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
@@ -307,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, bucket_multiple=args.bucket_multiple, **capacities)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'faces.json'}")
+    if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
+        parser.error(f"--draw {args.draw} is a file: give a folder for the annotated copies")
     try:
         compile_cache.configure(args.compile_cache)
     except ValueError as err:

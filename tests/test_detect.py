@@ -324,3 +324,18 @@ def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path
         ((512, 768), ["a.png", "c.png"]), ((128, 128), ["b.png"])]
     assert sorted(i for chunk in order for i in chunk) == list(range(len(files)))
     assert [names[i] for i in order[-1]] == ["bad.jpg", "tiny.png"]
+
+
+def test_detect_batch_refuses_one_path():
+    with pytest.raises(TypeError, match="use detect"):
+        detect.detect_batch("x.jpg", FAKE_PARAMS)
+
+
+def test_cli_refuses_bad_output_paths_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(detect, "resolve_params", lambda weights: pytest.fail("work started"))
+    (tmp_path / "a_file").write_text("x")
+    cases = [(["--json", str(tmp_path)], "is a folder"), (["--draw", str(tmp_path / "a_file")], "is a file")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            detect.main([str(tmp_path), *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
