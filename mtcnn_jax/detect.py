@@ -26,10 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from mtcnn_jax import buckets, checkpoints, compile_cache, compiled, pretrained
+from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.images import IMAGE_SUFFIXES, ImageError, ImageSource, load_image
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
-from mtcnn_jax.visualize import annotate_image
 
 
 class CapacityWarning(UserWarning):

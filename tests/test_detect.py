@@ -202,7 +202,8 @@ def test_drawing(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from mtcnn_jax.visualize import annotate_image, draw_detections
+    from mtcnn_jax.annotate import annotate_image
+    from mtcnn_jax.visualize import draw_detections
 
     img = np.full((60, 80, 3), 128, np.uint8)
     det = Detections(np.array([[10, 10, 40, 50]], np.float32), np.array([0.9], np.float32),
