@@ -18,7 +18,7 @@ from mtcnn_jax import boxes as bx
 from mtcnn_jax import nets
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.crops import crop_mips, crop_patches, crop_sources
-from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_sizes, level_views
+from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_sizes, level_views, mip_pyramid
 from mtcnn_jax.stages import INPUT_SIZE
 
 Array = Any  # np.ndarray or jax.Array
@@ -55,7 +55,8 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
         return {"scales": [], "levels": [], "pnet_levels": [], "pnet": none, "rnet": none, "onet": none,
                 "landmarks": np.zeros((0, 5, 2), np.float32)}
     sizes = level_sizes(h, w, list(plan.scales))
-    groups = [np.asarray(g) for g in build_levels(image, np.array([h, w]), sizes, plan)]
+    mips = mip_pyramid(image, np.array([h, w]), max(plan.n_mips, crop_mips(h, w)))  # shared by levels and crops
+    groups = [np.asarray(g) for g in build_levels(image, np.array([h, w]), sizes, plan, mips=mips)]
     levels = level_views(groups, sizes, plan)
     found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, plan.scales)]
     steps: dict[str, Any] = {"scales": list(plan.scales), "levels": levels, "pnet_levels": [
@@ -65,7 +66,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     keep = bx.nms(win, score, config.nms_pnet)
     b1 = bx.refine(win[keep], reg[keep], plus_one=False)
     steps["pnet"] = {"boxes": b1, "scores": score[keep]}
-    src = crop_sources(image, np.array([h, w]), crop_mips(h, w))
+    src = crop_sources(image, np.array([h, w]), crop_mips(h, w), mips)
     out = _run_net("rnet", params["rnet"], crop_patches(src, b1, INPUT_SIZE["rnet"]))
     prob, reg = _probability(out["logits"]), np.asarray(out["box"])
     passed = np.nonzero(prob > config.thresholds[1])[0]
