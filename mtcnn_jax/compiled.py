@@ -33,11 +33,14 @@ def _compiler_options() -> dict[str, Any]:
 
 def bucket_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes (`jax.ShapeDtypeStruct`s) of `cascade_fn`'s arguments for one bucket."""
+    struct = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    batched = lambda a: jax.ShapeDtypeStruct((batch, *np.shape(a)[1:]), a.dtype)  # noqa: E731
+    one_image = image_plan(np.array([bucket_hw], np.int32), bucket_hw, config)  # per-image shapes, batch 1
+    images = jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8)
+    sizes = jax.ShapeDtypeStruct((batch, 2), np.int32)
     plan = PyramidPlan.of(*bucket_hw, config)
-    level_hw, level_on, taps = image_plan(np.tile(np.array(bucket_hw, np.int32), (batch, 1)), bucket_hw, config)
-    images, sizes = np.zeros((batch, *bucket_hw, 3), np.uint8), np.zeros((batch, 2), np.int32)
-    args = (params, images, sizes, level_hw, level_on, taps, *plan.cells)
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+    return (jax.tree_util.tree_map(struct, params), images, sizes, *jax.tree_util.tree_map(batched, one_image),
+            *jax.tree_util.tree_map(struct, plan.cells))
 
 
 def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
