@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtcnn_jax import cli
 from mtcnn_jax.nets import param_count
 from mtcnn_jax.pretrained import WHEEL_NAME, load_pretrained
 from mtcnn_jax.stages import STAGES
@@ -31,6 +33,8 @@ from mtcnn_jax.stages import STAGES
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+METADATA_FILE = "_METADATA"  # what Orbax writes in every checkpoint (a cascade's or a step's "default" item)
+PROG = "python -m mtcnn_jax.checkpoints"
 
 # ------------------------------------------------------------------------------------ cascade checkpoints
 
@@ -53,6 +57,8 @@ def load_cascade(directory: str | Path) -> dict[str, Any]:
     path = Path(directory).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not (path / METADATA_FILE).is_file():
+        raise ValueError(f"{path} is not a cascade checkpoint (no Orbax {METADATA_FILE}; write one with {PROG} --out)")
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(path)
     missing = [s for s in STAGES if s not in tree]
@@ -78,6 +84,36 @@ def _restore_standard(path: Path) -> dict[str, Any]:
         return ckptr.restore(path.resolve())
 
 
+def run_stage(path: Path) -> str | None:
+    """The stage of the training run in `path` (its config.json), None if it is not a run's folder."""
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        fields = json.loads(config.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config} is not a training run's config ({err})") from None
+    stage = fields.get("stage") if isinstance(fields, dict) else None
+    if stage not in STAGES:
+        raise ValueError(f"{config} is not a training run's config (stage {stage!r})")
+    return stage
+
+
+def check_params_source(path: str | Path, stage: str, flag: str) -> Path:
+    """`path` if it can hold `stage`'s params: a folder that is a run of that stage, a checkpoints/ folder,
+    a step or a cascade checkpoint (by its layout; the arrays are read later). ValueError naming `flag`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no training run or checkpoint folder there")
+    trained = run_stage(path)
+    if trained is not None and trained != stage:
+        raise ValueError(f"{path} is a {trained} training run, not {stage}")
+    steps = any(p.name.isdigit() for p in path.iterdir())
+    if trained is None and not steps and not any((path / d / METADATA_FILE).is_file() for d in (".", "default")):
+        raise ValueError(f"{flag} {path}: not a training run, a checkpoints folder or an Orbax checkpoint")
+    return path
+
+
 def load_params(path: str | Path, stage: str | None = None) -> Any:
     """One stage's params as plain numpy dicts, from a training WORKDIR (its latest step; the stage comes
     from its config.json), its checkpoints/ folder, one step folder, or a cascade checkpoint (needs `stage`).
@@ -87,9 +123,8 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
         raise FileNotFoundError(f"no checkpoint or training directory at {path}")
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    config = path / CONFIG_FILE
-    if config.is_file():
-        trained = json.loads(config.read_text()).get("stage")
+    trained = run_stage(path)
+    if trained is not None:
         if stage is not None and stage != trained:
             raise ValueError(f"{path} is a {trained} training run, not {stage}")
         path = path / CHECKPOINT_DIR
@@ -168,7 +203,10 @@ def check_workdir(workdir: str | Path, stage: str, optimizer: str, init_from: st
     workdir = Path(workdir)
     config_path = workdir / CONFIG_FILE
     checkpoints = workdir / CHECKPOINT_DIR
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file, not a run's folder")
     if config_path.exists():
+        run_stage(workdir)  # a config.json that is no run's: refused
         previous = json.loads(config_path.read_text())
         if previous.get("stage") != stage:
             raise ValueError(f"{workdir} holds a {previous.get('stage')} run ({CONFIG_FILE}); refusing to train "
@@ -179,8 +217,8 @@ def check_workdir(workdir: str | Path, stage: str, optimizer: str, init_from: st
                              f"resume with {optimizer}")
     elif checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise ValueError(f"{checkpoints} exists without {CONFIG_FILE}: cannot tell which stage it holds")
-    if init_from not in ("", "original") and not Path(init_from).is_dir():
-        raise FileNotFoundError(f"--init-from {init_from}: no training run or checkpoint there")
+    if init_from not in ("", "original"):
+        check_params_source(init_from, stage, "--init-from")
     return workdir
 
 
@@ -236,10 +274,26 @@ def trim_metrics(workdir: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_cli_paths(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The CLI's stages {stage: [RUN ...]} once every path is checked (before any weights are read):
+    each RUN a run of that stage or a checkpoint, --source present, --out a new folder (or --force)."""
+    stages = {s: getattr(args, s) for s in STAGES if getattr(args, s)}
+    for stage, paths in stages.items():
+        for path in paths:
+            check_params_source(path, stage, f"--{stage}")
+    if args.source is not None and not Path(args.source).expanduser().exists():
+        raise cli.CliError(f"--source {args.source} does not exist (a {WHEEL_NAME} or a folder of the .lz4 files)")
+    out = cli.output_dir(args.out, "--out")
+    if out.exists() and not args.force:
+        raise cli.CliError(f"--out {out} exists: pass --force to overwrite it, or pick another folder")
+    return stages
+
+
+@cli.entry(PROG)
+def main(argv: list[str] | None = None) -> int:
     """CLI: a cascade checkpoint from training runs and the original weights (all of them when no stage is given)."""
     p = argparse.ArgumentParser(
-        prog="python -m mtcnn_jax.checkpoints",
+        prog=PROG,
         description="Write a cascade checkpoint (the format detect --weights and samples --weights read) from "
                     "training runs; stages not given keep the original released weights (so with none given, "
                     "it writes the original weights).")
@@ -251,17 +305,15 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"where the original weights are read from: a {WHEEL_NAME} or a folder with the .lz4 files")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     args = p.parse_args(argv)
-    stages = {s: getattr(args, s) for s in STAGES if getattr(args, s)}
-    try:
-        params = cascade_params(stages, args.source)
-        path = save_cascade(args.out, params, force=args.force)
-    except (FileNotFoundError, ValueError) as e:  # pretrained's WeightsNotFoundError / WeightsIntegrityError too
-        raise SystemExit(f"error: {e}") from None
+    stages = check_cli_paths(args)
+    params = cascade_params(stages, args.source)
+    path = save_cascade(args.out, params, force=args.force)
     sources = {s: " + ".join(map(str, v)) + (" (mean)" if len(v) > 1 else "") for s, v in stages.items()}
     counts = ", ".join(f"{s} {param_count(params[s]):,}" for s in STAGES)
     print(f"wrote {path}: " + ", ".join(f"{s} from {sources.get(s, 'the original weights')}" for s in STAGES)
           + f" (params: {counts})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

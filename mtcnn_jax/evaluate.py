@@ -15,12 +15,16 @@ from typing import Any, Callable
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.backend_bases import FigureCanvasBase
 
-from mtcnn_jax import visualize
-from mtcnn_jax.detections_json import EvaluationError, load_detections
+from mtcnn_jax import cli, visualize
+from mtcnn_jax.detections_json import load_detections
 from mtcnn_jax.fddb_eval import evaluate_fddb
 from mtcnn_jax.landmark_eval import evaluate_landmarks, read_landmark_list
 from mtcnn_jax.wider_eval import WIDER_SETTINGS, evaluate_wider
+
+PROG = "python -m mtcnn_jax.evaluate"
+WIDER_GT_FILES = ("wider_face_val.mat", *(f"wider_{s}_val.mat" for s in WIDER_SETTINGS))
 
 
 def _write_json(path: str | None, summary: dict) -> None:
@@ -88,7 +92,7 @@ def _cmd_landmarks(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse with one subcommand per benchmark."""
-    parser = argparse.ArgumentParser(prog="python -m mtcnn_jax.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("wider", help="WIDER FACE val AP (official protocol)")
     p.add_argument("--pred", required=True, help="detections JSON")
@@ -113,14 +117,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """CliError unless every input of the subcommand is there (the benchmark's files included) and the
+    --json and --plot targets can be written: checked before any detection is read."""
+    cli.existing_file(args.pred, "--pred")
+    if args.command == "wider":
+        gt_dir = cli.existing_dir(args.gt_dir, "--gt-dir")
+        missing = [name for name in WIDER_GT_FILES if not (gt_dir / name).is_file()]
+        if missing:
+            raise cli.CliError(f"--gt-dir {gt_dir}: no {', '.join(missing)} (the WIDER FACE val ground truth)")
+    elif args.command == "fddb":
+        folds = cli.existing_dir(args.folds, "--folds")
+        if not any(folds.glob("FDDB-fold-*-ellipseList.txt")):
+            raise cli.CliError(f"--folds {folds}: no FDDB-fold-XX-ellipseList.txt files")
+    else:
+        cli.existing_file(args.list, "--list")
+        cli.existing_dir(args.root, "--root")
+        if args.format == "celeba" and not args.bbox_list:
+            raise cli.CliError("--format celeba needs --bbox-list (list_bbox_celeba.txt) to match faces")
+        if args.bbox_list:
+            cli.existing_file(args.bbox_list, "--bbox-list")
+    if args.json:
+        cli.output_file(args.json, "--json")
+    if args.plot:
+        plot = cli.output_file(args.plot, "--plot")
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix and plot.suffix[1:].lower() not in kinds:
+            raise cli.CliError(f"--plot {plot}: matplotlib cannot write {plot.suffix} files (use .png, .pdf or .svg)")
+
+
+@cli.entry(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """Runs a subcommand; bad input becomes a one-line message and exit code 2."""
+    """Runs a subcommand once its paths are checked; bad input becomes one `error:` line and exit code 2."""
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (EvaluationError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_paths(args)
+    args.run(args)
     return 0
 
 

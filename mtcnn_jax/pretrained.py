@@ -10,12 +10,15 @@ The Keras convolution kernels already carry that transpose, and the `mtcnn` pack
 feature map (Permute((2, 1, 3))) right before the first fully connected layer. We fold that permute
 into the first FC kernel once, here, so our nets flatten ordinary row-major feature maps.
 
-Command line: `python -m mtcnn_jax.checkpoints --out DIR [--source WHEEL]` writes them as an Orbax cascade
-checkpoint (checkpoints.py reads the weights through this module, never the other way round).
+Command line: `python -m mtcnn_jax.pretrained [--source WHEEL|DIR] [--no-download]` finds the weights (fetching
+the wheel into the cache once), checks them and says where they are read from; `python -m mtcnn_jax.checkpoints
+--out DIR [--source WHEEL]` writes them as an Orbax cascade checkpoint (checkpoints.py reads the weights through
+this module, never the other way round).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import importlib.util
@@ -30,6 +33,8 @@ from typing import Any
 import jax
 import joblib  # lz4 must be installed too: joblib decompresses through it
 import numpy as np
+
+from mtcnn_jax import cli
 
 WHEEL_NAME = "mtcnn-1.0.0-py3-none-any.whl"
 ASSET_SHA256 = {
@@ -199,3 +204,44 @@ def load_pretrained(source: str | os.PathLike | None = None) -> dict[str, Any]:
     params = _load_cached(None if source is None else str(source))
     return jax.tree_util.tree_map(np.copy, params)
 
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+PROG = "python -m mtcnn_jax.pretrained"
+
+
+def _origin(source: str | None, cached: bool) -> str:
+    """Which of `locate`'s places the weights came from, in words."""
+    if source is not None:
+        return "--source"
+    if os.environ.get(ENV_SOURCE):
+        return f"${ENV_SOURCE}"
+    if _installed_assets() is not None:
+        return "the installed mtcnn package"
+    return "the cache" if cached else "downloaded into the cache"
+
+
+@cli.entry(PROG)
+def main(argv: list[str] | None = None) -> int:
+    """CLI: find the released weights (downloading the wheel once), check them and say where they are, so
+    that an offline machine can be given a copy and a damaged copy is found before a detection run."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Find the original MTCNN weights (mtcnn 1.0.0's "
+                                     "wheel, fetched once into the cache), check each file's sha256 against "
+                                     "the pinned release and print where they are read from.")
+    parser.add_argument("--source", help=f"a {WHEEL_NAME} or a folder with the three .lz4 files "
+                                         f"(default: ${ENV_SOURCE}, an installed mtcnn, the cache, a download)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the wheel")
+    args = parser.parse_args(argv)
+    cached = (cache_dir() / WHEEL_NAME).is_file()
+    location = locate(args.source, download=not args.no_download)
+    params = load_pretrained(location)  # each file hash-checked before it is unpickled, then converted
+    print(f"weights: {location} (from {_origin(args.source, cached)}; cache folder {cache_dir()})")
+    for stage, digest in ASSET_SHA256.items():
+        count = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params[stage]))
+        print(f"  {stage}.lz4: sha256 {digest[:16]}... matches mtcnn 1.0.0, {count:,} params")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

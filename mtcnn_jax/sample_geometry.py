@@ -41,9 +41,38 @@ class SampleConfig:
     iou_positive: float = 0.65
     square_faces: bool = False  # label by IoU with the squared face box (the cascade shows the nets squares)
 
+    def __post_init__(self) -> None:
+        """ValueError naming the field (and its samples CLI flag) of the first value out of range."""
+        ratio = np.asarray(self.ratio, np.float64)
+        counts = ("seed", "negatives_per_image", "negatives_near_face", "jitters_per_face", "hard_face_jitters",
+                  "landmark_jitters")
+        problems = [
+            ("stage", self.stage not in INPUT_SIZE, f"one of {', '.join(INPUT_SIZE)}"),
+            ("ratio", ratio.shape != (4,) or not np.isfinite(ratio).all() or (ratio < 0).any() or not ratio.sum() > 0,
+             "four finite numbers >= 0, not all 0 (negative:positive:part:landmark)"),
+            *((name, not _is_count(getattr(self, name), 0), "an integer >= 0") for name in counts),
+            ("min_face", not _is_count(self.min_face, 1), "an integer >= 1 (pixels)"),
+            ("flip_prob", not 0 <= self.flip_prob <= 1, "a probability in [0, 1]"),
+            ("iou_positive", not 0 <= self.iou_negative <= self.iou_part <= self.iou_positive <= 1,
+             "0 <= iou_negative <= iou_part <= iou_positive <= 1"),
+        ]
+        for name, bad, expected in problems:
+            if bad:
+                flag = f" (--{_FLAGS[name]})" if name in _FLAGS else ""
+                raise ValueError(f"SampleConfig.{name}{flag} {getattr(self, name)!r}: expected {expected}")
+
     @property
     def size(self) -> int:
         return INPUT_SIZE[self.stage]
+
+
+_FLAGS = {"ratio": "ratio", "seed": "seed", "hard_face_jitters": "face-jitters",
+          "min_face": "min-face", "flip_prob": "flip-prob"}  # SampleConfig fields set by `mtcnn_jax.samples` flags
+
+
+def _is_count(value: object, low: int) -> bool:
+    """An integer (not a bool) >= low."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
 
 
 def sides(crops_Nx4: np.ndarray) -> np.ndarray:

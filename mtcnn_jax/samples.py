@@ -44,6 +44,7 @@ from tqdm import tqdm
 # the lazy package, not imported here: a spawned sample worker imports the CLI's module as its __main__ and
 # must start light (numpy and PIL only).
 import mtcnn_jax
+from mtcnn_jax import cli
 from mtcnn_jax.sample_geometry import SampleConfig, select
 from mtcnn_jax.sample_worker import run_job
 from mtcnn_jax.stages import INPUT_SIZE, LABEL
@@ -192,6 +193,28 @@ def summarise(results: list[dict], builders: dict[str, Any], available: dict, ke
             "skipped": {k: {"count": n, "first": skipped.names[k]} for k, n in skipped.counts.items()}, **extra}
 
 
+def check_request(wider: str | Path, landmarks: str | Path | None, out: Path, cfg: SampleConfig, *,
+                  weights: str | Path | None, max_images: int | None, max_landmarks: int | None,
+                  workers: int | None, tfds_dir: str | Path | None) -> None:
+    """What `make_samples` refuses before any work (named by its CLI flag): missing input folders, counts
+    below 1, output folders that are files, a sample set already in `out`, --weights for P-Net samples."""
+    for flag, path in (("--wider", wider), ("--landmarks", landmarks)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no such folder")
+    for flag, n in (("--max-images", max_images), ("--max-landmarks", max_landmarks), ("--workers", workers)):
+        if n is not None and not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"{flag} {n}: expected an integer >= 1")
+    for flag, path in (("--out", out), ("--tfds-dir", tfds_dir)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise NotADirectoryError(f"{flag} {path}: is a file, expected a folder")
+    if (out / "mtcnn_samples" / cfg.stage).exists():
+        raise FileExistsError(f"{out / 'mtcnn_samples' / cfg.stage} exists: pick a new --out or delete it")
+    if weights is not None and cfg.stage == "pnet":
+        raise ValueError("--weights: P-Net samples are random crops, only R-/O-Net samples run a cascade")
+    if weights is not None and not Path(weights).is_dir():
+        raise FileNotFoundError(f"--weights {weights}: no such cascade checkpoint folder")
+
+
 def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Path, cfg: SampleConfig = SampleConfig(),
                  *, weights: str | Path | None = None, max_images: int | None = None,
                  max_landmarks: int | None = None, workers: int | None = None,
@@ -200,8 +223,10 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
     TFDS datasets, built under `tfds_dir` if not yet there), write it to `out` as a TFDS dataset with
     summary.json beside it, and return the summary. Raises SamplesError if empty."""
     out, start = Path(out), time.perf_counter()
-    if (out / "mtcnn_samples" / cfg.stage).exists():
-        raise FileExistsError(f"{out / 'mtcnn_samples' / cfg.stage} exists: pick a new --out or delete it")
+    check_request(wider, landmarks, out, cfg, weights=weights, max_images=max_images, max_landmarks=max_landmarks,
+                  workers=workers, tfds_dir=tfds_dir)
+    # R-/O-Net: the mining cascade's weights are read now, so that a bad --weights fails before any work.
+    params = None if cfg.stage == "pnet" else mtcnn_jax.detect.resolve_params(str(weights) if weights else None)
     tfds_dir = Path(tfds_dir) if tfds_dir else mtcnn_jax.pretrained.cache_dir() / "tfds"  # the user cache
     builders = {"wider": source_dataset(mtcnn_jax.datasets.WiderFace, wider, tfds_dir)}
     image_dirs = {"wider": mtcnn_jax.datasets.wider_image_dir(wider, "train")}
@@ -216,7 +241,7 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
     if cfg.stage != "pnet":
         read = lambda job: sources["wider"][job["index"]]["image"]  # noqa: E731
         extra["overflow"] = mtcnn_jax.sample_mining.add_detections(
-            [j for j in jobs if j["kind"] == "wider"], read, str(weights) if weights else None, cfg.stage)
+            [j for j in jobs if j["kind"] == "wider"], read, params, cfg.stage)
     work_dir = out / ".work"
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -235,16 +260,22 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
 
 # ----------------------------------------------------------------------------------------- CLI
 
+PROG = "python -m mtcnn_jax.samples"
+
+
 def parse_ratio(text: str) -> tuple[float, float, float, float]:
-    """"3:1:1:2" -> (3, 1, 1, 2): negative : positive : part : landmark."""
-    parts = [float(p) for p in text.split(":")]
-    if len(parts) != 4 or min(parts) < 0 or max(parts) == 0:
-        raise argparse.ArgumentTypeError(f"--ratio needs four non-negative numbers like 3:1:1:2, got {text!r}")
-    return tuple(parts)
+    """"3:1:1:2" -> (3, 1, 1, 2): negative : positive : part : landmark (SampleConfig checks the values)."""
+    try:
+        parts = tuple(float(p) for p in text.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected four numbers like 3:1:1:2, got {text!r}")
+    return parts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mtcnn_jax.samples", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=list(INPUT_SIZE))
     p.add_argument("--wider", required=True, help="WIDER FACE root (WIDER_train/images, wider_face_split/)")
     p.add_argument("--landmarks", help="LFW+Net folder (trainImageList.txt) or CelebA folder (list_*_celeba.txt, img_celeba/)")
@@ -268,24 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.entry(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry: every flag and path is checked (SampleConfig, `check_request`) before any dataset is built."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade
-        try:
-            mtcnn_jax.compile_cache.configure(args.compile_cache)
-        except ValueError as err:
-            parser.error(str(err))
-    cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
-                       hard_face_jitters=args.face_jitters, min_face=args.min_face, square_faces=args.square_faces)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # TFDS's build messages: stdout is the summary alone
-            summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
-                                   max_images=args.max_images, max_landmarks=args.max_landmarks,
-                                   workers=args.workers, tfds_dir=args.tfds_dir)
-    except (SamplesError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
+                           hard_face_jitters=args.face_jitters, min_face=args.min_face,
+                           square_faces=args.square_faces)
+        if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade
+            mtcnn_jax.compile_cache.configure(args.compile_cache)
+    except ValueError as err:
+        parser.error(str(err))
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS's build messages: stdout is the summary alone
+        summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
+                               max_images=args.max_images, max_landmarks=args.max_landmarks,
+                               workers=args.workers, tfds_dir=args.tfds_dir)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from mtcnn_jax import checkpoints, input_pipeline
+from mtcnn_jax import checkpoints, cli, input_pipeline
 from mtcnn_jax.datasets import load_samples
 from mtcnn_jax.train_config import CONFIGS, TrainConfig, check_config
 from mtcnn_jax.train_step import TrainState, compiled_step, evaluate, init_state, make_optimizer, shard
@@ -141,16 +141,27 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+PROG = "python -m mtcnn_jax.train"
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers ("0.2,0.5,0.7"; "" for none)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.5,0.7, got {text!r}") from None
+
+
 def _flag_type(annotation: Any) -> Any:
     """argparse `type=` for a TrainConfig field annotation (tuples of floats as comma-separated lists)."""
     if annotation in ("tuple[float, ...]", tuple[float, ...]):
-        return lambda text: tuple(float(x) for x in text.split(",") if x.strip())
+        return float_list
     return {"int": int, "float": float, "str": str}.get(annotation, annotation)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """--stage, --data, --workdir, --in-memory, plus one flag per TrainConfig field (default: the stage's config)."""
-    parser = argparse.ArgumentParser(prog="python -m mtcnn_jax.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, choices=sorted(CONFIGS))
     parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.datasets.load_samples)")
     parser.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
@@ -174,15 +185,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(CONFIGS[args.stage], **overrides)
 
 
+@cli.entry(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: train the stage on `--data`, reporting bad input and non-finite losses without a traceback."""
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    """CLI entry: train the stage on `--data`. Every flag, the data folder and the workdir are checked before
+    the samples are read; bad input and a non-finite loss end in one `error:` line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        train(config, load_samples(args.data), args.workdir, in_memory=args.in_memory)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        config = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    data = cli.existing_dir(args.data, "--data")
+    cli.output_dir(args.workdir, "--workdir")
+    checkpoints.check_workdir(args.workdir, config.stage, config.optimizer, config.init_from)
+    try:
+        train(config, load_samples(data), args.workdir, in_memory=args.in_memory)
+    except NonFiniteLossError as err:  # the run's fault, not a bug: said in one line
+        raise cli.CliError(str(err)) from err
     return 0
 
 

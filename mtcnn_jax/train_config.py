@@ -1,11 +1,14 @@
 """What defines a training run of one stage: `TrainConfig`, the paper's per-stage settings (Zhang et al. 2016,
 Sec. III-B: batch 384, loss weights det 1 / box 0.5 / landmark 0.5, or 1 for O-Net's landmarks) and the
-checks a config must pass before anything is trained or written.
+checks a config must pass before anything is trained or written (each field's range, when it is made).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from numbers import Integral, Real
+from typing import Any, Callable
 
 from mtcnn_jax import losses, stages
 
@@ -41,9 +44,65 @@ class TrainConfig:
     val_fraction: float = 0.02  # held-back samples: an evenly spaced, deterministic set of indices
     init_from: str = ""  # start from these params, not a random init: a run, a checkpoint, or "original"
 
+    def __post_init__(self) -> None:
+        """ValueError naming the flag of the first field out of range: the API refuses what the CLI refuses."""
+        if self.stage not in stages.INPUT_SIZE:
+            raise ValueError(f"--stage {self.stage}: expected one of {', '.join(stages.STAGES)}")
+        for name, (ok, expected) in _FIELD_CHECKS.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} {value}: expected {expected}")
+        for fraction in self.lr_decay_fractions:
+            if not (_number(fraction) and 0 < fraction <= 1):
+                raise ValueError(f"--lr-decay-fractions {','.join(map(str, self.lr_decay_fractions))}: expected "
+                                 "fractions of the steps in (0, 1], like 0.2,0.5,0.7")
+        if not self.cls_weight + self.box_weight + self.landmark_weight > 0:
+            raise ValueError("--cls-weight, --box-weight, --landmark-weight: all 0, nothing to learn")
+        if self.input_size != stages.INPUT_SIZE[self.stage]:
+            raise ValueError(f"{self.stage} takes {stages.INPUT_SIZE[self.stage]}-pixel inputs, not {self.input_size}")
+
     @property
     def weights(self) -> losses.LossWeights:
         return losses.LossWeights(self.cls_weight, self.box_weight, self.landmark_weight)
+
+
+def _number(value: Any) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= low
+
+
+def _within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+
+# field: (check, what the message says is expected); every field but stage, input_size and the lr decay.
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (_count(1), "an integer >= 1"),
+    "cls_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
+    "box_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
+    "landmark_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
+    "batch_size": (_count(1), "an integer >= 1"),
+    "learning_rate": (_within(0, math.inf, low_open=True, high_open=True), "a finite number > 0"),
+    "momentum": (_within(0, 1, high_open=True), "0 <= momentum < 1"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "weight_decay": (_within(0, math.inf, high_open=True), "a finite number >= 0"),
+    "ohem_ratio": (_within(0, 1, low_open=True), "the share of samples kept by the loss, in (0, 1]"),
+    "flip_probability": (_within(0, 1), "a probability in [0, 1]"),
+    "color_jitter": (_within(0, 1, high_open=True), "0 <= j < 1 (factors in [1 - j, 1 + j])"),
+    "blur_probability": (_within(0, 1), "a probability in [0, 1]"),
+    "blur_sigma": (_within(0, math.inf, low_open=True, high_open=True), "a sigma > 0 (pixels)"),
+    "log_interval": (_count(1), "an integer >= 1"),
+    "eval_interval": (_count(1), "an integer >= 1"),
+    "checkpoint_interval": (_count(1), "an integer >= 1"),
+    "max_checkpoints": (_count(1), "an integer >= 1"),
+    "seed": (_count(0), "an integer >= 0"),
+    "val_fraction": (_within(0, 1, high_open=True), "0 <= fraction < 1"),
+    "init_from": (lambda v: isinstance(v, str), "a run, a checkpoint folder or original"),
+}
 
 
 def _stage_config(stage: str, steps: int, doc: str) -> TrainConfig:
@@ -74,16 +133,7 @@ CONFIGS: dict[str, TrainConfig] = {
 
 
 def check_config(config: TrainConfig, devices: int) -> None:
-    """ValueError unless the config can run: a batch that divides over the devices, a known optimizer,
-    augmentations in range, the stage's input size."""
+    """ValueError unless the config can run on `devices`: a batch that divides over them (every field was
+    checked when the config was made)."""
     if config.batch_size % devices:
         raise ValueError(f"batch size {config.batch_size} does not divide evenly over {devices} devices")
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {config.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
-    if not 0 <= config.color_jitter < 1:
-        raise ValueError(f"--color-jitter {config.color_jitter}: expected 0 <= j < 1 (factors in [1 - j, 1 + j])")
-    if not (0 <= config.blur_probability <= 1 and config.blur_sigma > 0):
-        raise ValueError(f"--blur-probability {config.blur_probability} / --blur-sigma {config.blur_sigma}: "
-                         "expected a probability in [0, 1] and a sigma > 0")
-    if config.input_size != stages.INPUT_SIZE[config.stage]:
-        raise ValueError(f"{config.stage} takes {stages.INPUT_SIZE[config.stage]}-pixel inputs, not {config.input_size}")

@@ -38,7 +38,7 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """SGD with momentum (or Adam), L2 weight decay added to the gradient (as in Caffe), on the step schedule.
-    `config.optimizer` is one of train_config.OPTIMIZERS (train_config.check_config)."""
+    `config.optimizer` is one of train_config.OPTIMIZERS (TrainConfig refuses any other)."""
     schedule = learning_rate_schedule(config)
     step = {"sgd": lambda: optax.sgd(schedule, momentum=config.momentum), "adam": lambda: optax.adam(schedule)}
     return optax.chain(optax.add_decayed_weights(config.weight_decay), step[config.optimizer]())

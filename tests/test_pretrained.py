@@ -207,4 +207,4 @@ def test_cli_writes_a_checkpoint(wheel, params, tmp_path):
     np.testing.assert_array_equal(back["rnet"]["fc4"]["kernel"], params["rnet"]["fc4"]["kernel"])
     bad = subprocess.run([sys.executable, "-m", "mtcnn_jax.checkpoints", "--out", str(tmp_path / "x"),
                           "--source", str(tmp_path / "missing.whl")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "does not exist" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "x").exists()
