@@ -6,6 +6,8 @@ and the pyramid plans (`pyramid.PyramidPlan.of`). Its defaults come from `stages
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, THRESHOLDS
@@ -33,10 +35,31 @@ class CascadeConfig:
     bucket_multiple: int = 0  # 0: bucket sides from the ladder (`buckets.bucket_side`); N: sides rounded up to N
 
     def __post_init__(self):
+        """Refuse settings the cascade cannot run with, naming the field (the detect CLI names its flag)."""
+        if not (_finite(self.min_face_size) and self.min_face_size > 0):
+            raise ValueError(f"min_face_size must be a number > 0 (pixels), got {self.min_face_size}")
+        if not (_finite(self.scale_factor) and 0 < self.scale_factor < 1):
+            raise ValueError(f"scale_factor must be a number in (0, 1), got {self.scale_factor}")
+        t = self.thresholds
+        if not isinstance(t, tuple) or len(t) != 3 or not all(_finite(x) and 0 < x <= 1 for x in t):
+            raise ValueError(f"thresholds must be a tuple of 3 numbers in (0, 1], one per stage, got {t!r}")
+        for name in ("nms_level", "nms_pnet", "nms_rnet", "nms_onet"):
+            if not (_finite(getattr(self, name)) and 0 < getattr(self, name) <= 1):
+                raise ValueError(f"{name} must be an overlap in (0, 1], got {getattr(self, name)}")
+        for name in ("window_capacity", "pnet_capacity", "rnet_capacity", "max_faces", "net_chunk"):
+            value = getattr(self, name)
+            if not (value is None and name in ("window_capacity", "pnet_capacity") or _count(value)):
+                raise ValueError(f"{name} must be an integer >= 1, got {value}")
         for name in ("pnet_capacity", "rnet_capacity"):
             if (getattr(self, name) or 0) % self.net_chunk:
-                raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}")
-        if self.min_face_size <= 0 or not 0 < self.scale_factor < 1:
-            raise ValueError("min_face_size must be > 0 and 0 < scale_factor < 1")
-        if self.bucket_multiple < 0:
+                raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}, got {getattr(self, name)}")
+        if not (isinstance(self.bucket_multiple, numbers.Integral) and self.bucket_multiple >= 0):
             raise ValueError(f"bucket_multiple must be >= 0 (0: the bucket ladder), got {self.bucket_multiple}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1

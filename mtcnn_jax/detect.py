@@ -2,33 +2,35 @@
 
 `detect(image)` and `detect_batch(images)` run the fixed-shape cascade (`compiled.detect_bucket`):
 images are grouped by their padded bucket and run at a few fixed batch sizes, so only a few shapes
-are ever compiled. Bad inputs (`images.load_image`) raise (or, in a batch, yield) an `ImageError` that
-names the image.
+are ever compiled. Inputs are read by `images.load_converted` (grayscale, alpha, palette and 16-bit
+images converted to 8-bit RGB, noted in `Detections.converted`; `strict=True` refuses them); a bad input
+raises (or, in a batch, yields in its slot) an `ImageError` that names the image.
 
-Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]`.
+Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]` (its flags,
+their checks and what it does: `detect_flags`; how it writes its files: `outputs`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from mtcnn_jax import buckets, checkpoints, compile_cache, compiled, pretrained
+from mtcnn_jax import buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.images import IMAGE_SUFFIXES, ImageError, ImageSource, load_image
+from mtcnn_jax.detect_flags import CAPACITY_FIELDS, PROG, build_parser, capacity_flag, config_from_args
+from mtcnn_jax.images import (IMAGE_SUFFIXES, ImageError, ImageSource, first_copies, list_inputs, load_converted,
+                              skipped_line)
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
 
 
@@ -38,28 +40,26 @@ class CapacityWarning(UserWarning):
 
 @dataclass(frozen=True, eq=False)
 class Detections:
-    """The faces found in one image: boxes_Kx4 (x1, y1, x2, y2), scores_K, landmarks_Kx5x2 (x, y) and
-    the per-stage counts of candidates dropped at a full capacity (0 when none)."""
+    """The faces found in one image: boxes_Kx4 (x1, y1, x2, y2), scores_K, landmarks_Kx5x2 (x, y), the
+    per-stage counts of candidates dropped at a full capacity (0 when none) and how the image was
+    converted to 8-bit RGB (e.g. "RGBA -> RGB (alpha on white)"; None when it was RGB)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     landmarks: np.ndarray
     overflow: dict[str, int] = field(default_factory=dict)
+    converted: str | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
-    def to_json(self) -> dict[str, list]:
-        """The shared detections format: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5], ...]}."""
+    def to_json(self) -> dict[str, Any]:
+        """The shared detections format: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5],
+        ...], "overflow": {stage: count}}, and "converted": note when the image was converted."""
         boxes = np.column_stack([self.boxes, self.scores]).astype(np.float64)
-        return {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist()}
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-def _source_name(source: ImageSource, index: int) -> str:
-    """How errors and warnings name an input of a batch: its path, else its index."""
-    return str(source) if isinstance(source, (str, os.PathLike)) else f"images[{index}]"
+        out = {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist(),
+               "overflow": dict(self.overflow)}
+        return out | ({"converted": self.converted} if self.converted else {})
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -89,7 +89,8 @@ def resolve_params(params: Any = None) -> dict[str, Any]:
 
 def make_config(config: CascadeConfig | None, min_face_size: float, scale_factor: float,
                 thresholds: Sequence[float]) -> CascadeConfig:
-    """`config` if given (the keywords must then keep their defaults), else a CascadeConfig of the keywords."""
+    """`config` if given (the keywords must then keep their defaults), else a CascadeConfig of the keywords
+    (a ValueError names the keyword out of range)."""
     keywords = {"min_face_size": float(min_face_size), "scale_factor": float(scale_factor),
                 "thresholds": tuple(float(t) for t in thresholds)}
     if config is None:
@@ -124,16 +125,6 @@ def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
     return [_slice(out, b) for b in range(len(images))]
 
 
-# Which CascadeConfig field bounds each stage that detect_bucket reports overflow for.
-CAPACITY_FIELDS = {"window": "window_capacity", "pnet": "pnet_capacity",
-                   "rnet": "rnet_capacity", "faces": "max_faces"}
-
-
-def capacity_flag(field_name: str) -> str:
-    """The command-line flag that sets a CascadeConfig capacity field (build_parser adds one per field)."""
-    return "--" + field_name.replace("_", "-")
-
-
 def _warn_overflow(name: str, det: Detections) -> None:
     """One CapacityWarning per stage that dropped candidates of this image, naming the field to raise."""
     for stage, dropped in det.overflow.items():
@@ -146,9 +137,10 @@ def _warn_overflow(name: str, det: Detections) -> None:
 
 
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
-                  config: CascadeConfig, batch_size: int | None = None) -> list[Detections | ImageError]:
+                  config: CascadeConfig, batch_size: int | None = None,
+                  converted: Sequence[str | None] | None = None) -> list[Detections | ImageError]:
     """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
-    the batches of `buckets.plan`."""
+    the batches of `buckets.plan`; `converted` (one note or None per image) goes into the Detections."""
     results: list[Detections | ImageError] = [
         img if isinstance(img, ImageError) else _empty_detections({}) for img in images]  # no level: no face
     sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
@@ -156,138 +148,101 @@ def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str
         for i, det in zip(chunk, _run_batch(params, [images[i] for i in chunk], bucket, config)):
             _warn_overflow(names[i], det)
             results[i] = det
+    for i, note in enumerate(converted or ()):
+        if note and isinstance(results[i], Detections):
+            results[i] = dataclasses.replace(results[i], converted=note)
     return results
 
 
-def _try_load(source: ImageSource, name: str) -> np.ndarray | ImageError:
-    """The loaded image, or its ImageError as a value (a batch goes on past it)."""
+def _try_load(source: ImageSource, name: str, strict: bool) -> tuple[np.ndarray | ImageError, str | None]:
+    """The loaded image and its conversion, or its ImageError as a value (a batch goes on past it)."""
     try:
-        return load_image(source, name)
+        return load_converted(source, name, strict=strict)
     except ImageError as err:
-        return err
+        return err, None
+
+
+def _refuse_one_image(images: Any) -> None:
+    """TypeError for one image passed where a list of them is expected (it would be iterated over)."""
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(f"detect_batch takes a list of images, not one path ({images!r}): use detect() for one")
+    if isinstance(images, Image.Image):
+        raise TypeError("detect_batch takes a list of images, not one PIL image: use detect() for one, "
+                        "or pass [image]")
+    if hasattr(images, "shape") and len(images.shape) != 4:
+        raise TypeError(f"detect_batch takes a list of images or a B x H x W x 3 array, not one array of "
+                        f"shape {tuple(images.shape)}: use detect() for one image")
 
 
 def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
                  scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
-                 config: CascadeConfig | None = None,
-                 batch_size: int | None = None) -> list[Detections | ImageError]:
+                 config: CascadeConfig | None = None, batch_size: int | None = None,
+                 names: Sequence[str] | None = None, strict: bool = False) -> list[Detections | ImageError]:
     """Faces in many images of any sizes; a bad image yields its ImageError in its slot, the rest still run.
 
-    Images of one bucket run `batch_size` at a time (default `buckets.default_batch_size()`). Warns
-    (CapacityWarning) naming the image and stage when a fixed capacity dropped candidates.
+    Images of one bucket run `batch_size` at a time (default `buckets.default_batch_size()`). Errors and
+    CapacityWarnings name each image by `names[i]`, else its path, else "images[i]". Grayscale, alpha,
+    palette and 16-bit images are converted (noted in `Detections.converted`) unless `strict`.
     """
-    if isinstance(images, (str, os.PathLike)):
-        raise TypeError(f"detect_batch takes a list of images, not one path ({images!r}): use detect() for one")
+    _refuse_one_image(images)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
     sources = list(images)
-    names = [_source_name(s, i) for i, s in enumerate(sources)]
-    loaded = [_try_load(s, n) for s, n in zip(sources, names)]
+    if names is None:
+        names = [str(s) if isinstance(s, (str, os.PathLike)) else f"images[{i}]" for i, s in enumerate(sources)]
+    elif isinstance(names, str) or len(names) != len(sources):
+        raise ValueError(f"names must be a list of one name per image ({len(sources)}), got {names!r}")
+    loaded, converted = zip(*[_try_load(s, n, strict) for s, n in zip(sources, names)]) if sources else ((), ())
     if all(isinstance(x, ImageError) for x in loaded):
-        return loaded
-    return detect_loaded(loaded, names, resolve_params(params), cfg, batch_size)
+        return list(loaded)
+    return detect_loaded(loaded, names, resolve_params(params), cfg, batch_size, converted)
 
 
 def detect(image: ImageSource, params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
            scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
-           config: CascadeConfig | None = None) -> Detections:
-    """Faces in one image (a path, PIL image or uint8 H x W x 3 array); raises ImageError for a bad input."""
+           config: CascadeConfig | None = None, name: str | None = None, strict: bool = False) -> Detections:
+    """Faces in one image (a path, PIL image or numpy array; see `detect_batch` for conversions); raises
+    ImageError naming `name` (default: the path, else "image") for a bad input."""
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
-    name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
-    img = load_image(image, name)
-    return detect_loaded([img], [name], resolve_params(params), cfg)[0]
+    name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    img, converted = load_converted(image, name, strict=strict)
+    return detect_loaded([img], [name], resolve_params(params), cfg, converted=[converted])[0]
 
 
 # ---------------------------------------------------------------------------------------------- command line
 
-def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
-    """(path as given or dir joined with the relative path, name relative to its given dir) per file;
-    directories are searched recursively for image suffixes, sorted."""
-    out = []
-    for given in inputs:
-        path = Path(given)
-        if path.is_dir():
-            found = sorted(p.relative_to(path) for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            out += [(os.path.join(given, str(rel)), str(rel)) for rel in found]
-        else:
-            out.append((given, path.name))
-    return out
-
-
-def _draw_name(rel: str) -> str:
-    """The annotated copy's name: the same relative name, as .jpg for JPEGs and .png otherwise."""
-    p = Path(rel)
-    return str(p) if p.suffix.lower() in (".jpg", ".jpeg", ".png") else str(p.with_suffix(".png"))
-
-
-def _write_drawing(out_dir: Path, rel: str, img: np.ndarray, det: Detections) -> None:
-    target = out_dir / _draw_name(rel)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    annotate_image(img, det).save(target, quality=92)  # PNG ignores the JPEG quality
-
-
 def _summary(det: Detections) -> str:
     scores = ", ".join(f"{s:.2f}" for s in det.scores[:8]) + (", ..." if len(det) > 8 else "")
-    return f"{len(det)} face{'s' if len(det) != 1 else ''}" + (f" ({scores})" if len(det) else "")
+    note = f" [{det.converted}]" if det.converted else ""
+    return f"{len(det)} face{'s' if len(det) != 1 else ''}" + (f" ({scores})" if len(det) else "") + note
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line's arguments."""
-    p = argparse.ArgumentParser(prog="python -m mtcnn_jax.detect", description=__doc__.split("\n")[0])
-    defaults = CascadeConfig()
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (recursive)")
-    p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint dir (default: the original weights)")
-    p.add_argument("--min-face-size", type=float, default=MIN_FACE_SIZE)
-    p.add_argument("--scale-factor", type=float, default=SCALE_FACTOR)
-    p.add_argument("--thresholds", type=float, nargs=3, default=THRESHOLDS, metavar=("T1", "T2", "T3"))
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images of one bucket run together (default: 1 on CPU, where larger batches run "
-                        "slower per image, 8 on accelerators)")
-    p.add_argument("--bucket-multiple", type=int, default=defaults.bucket_multiple, metavar="N",
-                   help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
-                        "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
-                        "padded size); detections do not change")
-    compile_cache.add_flag(p)
-    for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
-        default = getattr(defaults, field_name)
-        p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",
-                       help=f"CascadeConfig.{field_name} (default: {default or 'from the image size'})")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write {path: detections} here")
-    p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write annotated copies here")
-    return p
-
-
-def _process_chunk(files: list[tuple[str, str]], params: Any, cfg: CascadeConfig, args: argparse.Namespace,
-                   report: Any) -> dict[str, Detections]:
-    """Load, detect and (optionally) draw one chunk of files; each failure is one reported line."""
-    names = [given for given, _ in files]
-    loaded = [_try_load(given, given) for given in names]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CapacityWarning)
-        results = detect_loaded(loaded, names, params, cfg, args.batch_size)
+def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg: CascadeConfig,
+                  batch_size: int, report: Any) -> list[Detections | ImageError]:
+    """detect_loaded on one chunk, its CapacityWarnings reported; a failure of the run itself (e.g. out
+    of memory on a huge image) is each of the chunk's images' ImageError, and the run goes on."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CapacityWarning)
+            results = detect_loaded(loaded, names, params, cfg, batch_size, notes)
+    except Exception as err:  # noqa: BLE001 - reported per image, never lost in a traceback
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return [x if isinstance(x, ImageError) else ImageError(f"{n}: detection failed ({why}); run it alone "
+                f"with {cli.TRACEBACK_VARIABLE}=1 to see why") for x, n in zip(loaded, names)]
     for w in caught:
         report(f"warning: {w.message}")
-    found = {}
-    for (given, rel), img, det in zip(files, loaded, results):
-        if isinstance(det, ImageError):
-            report(f"error: {det}")
-            continue
-        found[given] = det
-        if args.draw:
-            _write_drawing(Path(args.draw), rel, img, det)
-        if not args.json:
-            report(f"{given}: {_summary(det)}", err=False)
-    return found
+    return results
 
 
-def _work_order(files: list[tuple[str, str]], cfg: CascadeConfig,
+def _work_order(files: Sequence[str], cfg: CascadeConfig,
                 batch_size: int) -> tuple[list[tuple[tuple[int, int], list[int]]], list[list[int]]]:
     """The batches planned from the files' headers (`buckets.plan`), and every file's index in chunks of
     work: the planned batches in order, then the files no bucket was planned for (unreadable headers,
     images too small for a face) in chunks of `batch_size`."""
-    batches = buckets.plan([buckets.header_hw(given) for given, _ in files], cfg, batch_size)
+    with warnings.catch_warnings():  # a header over PIL's pixel limit: its load says so, as an error
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        batches = buckets.plan([buckets.header_hw(f) for f in files], cfg, batch_size)
     planned = {i for _, chunk in batches for i in chunk}
     rest = [i for i in range(len(files)) if i not in planned]
     return batches, [chunk for _, chunk in batches] + [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
@@ -298,46 +253,72 @@ def _compiling(n: int) -> str:
     return f"{n} bucket{'s' if n != 1 else ''} compiling" if n else "all buckets compiled"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: detect faces in images and directories; 0 when at least one image was processed, else 1.
-    The buckets the files need are planned from their headers and compiled on a background thread while
-    the buckets already compiled run."""
+@cli.entry(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: detect faces in images and folders (`detect_flags.EPILOG` says what it checks and writes).
+    Each chunk's images are loaded, run and written before the next; the buckets the files need are
+    planned from their headers and compiled on a background thread while the compiled ones run."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = make_config(None, args.min_face_size, args.scale_factor, args.thresholds)
-    capacities = {f: getattr(args, f) for f in CAPACITY_FIELDS.values()}
-    cfg = dataclasses.replace(cfg, bucket_multiple=args.bucket_multiple, **capacities)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.json and Path(args.json).is_dir():
-        parser.error(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'faces.json'}")
-    if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
-        parser.error(f"--draw {args.draw} is a file: give a folder for the annotated copies")
+    cfg = config_from_args(parser, args)
+    files, skipped = list_inputs(args.inputs)
+    if skipped:
+        print(skipped_line(skipped), file=sys.stderr)
+    if not files:
+        raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)})")
+    copies = first_copies(files)
+    errors: dict[int, ImageError] = {i: ImageError(
+        f"{files[i]}: {'given' if files[i] == files[j] else f'the same file as {files[j]}'} twice; its results "
+        f"are under {files[j]}") for i, j in copies.items()}
+    todo = [i for i in range(len(files)) if i not in copies]
+    drawings = dict(zip(todo, outputs.mirror_paths([files[i] for i in todo], args.draw, outputs.drawing_name))
+                    ) if args.draw else {}
+    if args.json:
+        outputs.check_json_target(args.json, "--json", args.overwrite)
+    if args.draw:
+        outputs.check_folder_target(args.draw, list(drawings.values()), "--draw", args.overwrite)
     try:
         compile_cache.configure(args.compile_cache)
     except ValueError as err:
         parser.error(str(err))
-    files = expand_inputs(args.inputs)
     params = resolve_params(args.weights)
-    args.batch_size = args.batch_size or buckets.default_batch_size()
-    batches, order = _work_order(files, cfg, args.batch_size)
-    results: dict[str, Detections] = {}
-    with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
+    batch_size = args.batch_size or buckets.default_batch_size()
+    batches, order = _work_order([files[i] for i in todo], cfg, batch_size)
+    faces = done = 0
+    with outputs.ResultsJson(args.json) as results, \
+            tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
             compiled.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
-                                 on_change=lambda n: bar.set_postfix_str(_compiling(n))):
+                                  on_change=lambda n: bar.set_postfix_str(_compiling(n))):
         def report(line: str, err: bool = True) -> None:
             bar.write(line, file=sys.stderr if err else sys.stdout)
 
+        def failed(i: int, err: ImageError) -> None:
+            errors[i] = err
+            report(f"error: {err}")
+            if i not in copies or files[i] != files[copies[i]]:  # the same string has its entry already
+                results.add(files[i], {"error": str(err)})
+
+        for i, err in list(errors.items()):
+            failed(i, err)
+        bar.update(len(errors))
         for chunk in order:
-            results.update(_process_chunk([files[i] for i in chunk], params, cfg, args, report))
+            indices = [todo[k] for k in chunk]
+            names = [files[i] for i in indices]
+            loaded, notes = map(list, zip(*[_try_load(n, n, args.strict) for n in names]))
+            found = _detect_chunk(loaded, names, notes, params, cfg, batch_size, report)
+            for i, img, det in zip(indices, loaded, found):
+                if isinstance(det, ImageError):
+                    failed(i, det)
+                    continue
+                if args.draw:
+                    outputs.write_drawing(drawings[i], annotate_image(img, det))
+                results.add(files[i], det.to_json())
+                faces, done = faces + len(det), done + 1
+                if not args.json:
+                    report(f"{files[i]}: {_summary(det)}", err=False)
             bar.update(len(chunk))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({k: d.to_json() for k, d in results.items()}))
-    errors = len(files) - len(results)
-    print(f"{len(results)} images, {sum(len(d) for d in results.values())} faces, {errors} errors"
-          + ("" if files else " (no image files found in the inputs)"))
-    return 0 if results else 1
+    print(f"{done} images, {faces} faces, {len(errors)} errors" + (f" (written to {args.json})" if args.json else ""))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The detections file every evaluator reads, and the error they raise on bad input.
 
 Detections are JSON mapping an image path to {"boxes": [[x1, y1, x2, y2, score], ...],
-"landmarks": [[[x, y] x 5], ...]} ("landmarks" optional), as `Detections.to_json()` writes them. The
-image paths are matched to each benchmark's names by their last components (path_parts, strip_ext).
+"landmarks": [[[x, y] x 5], ...]} ("landmarks" optional; other keys such as "overflow" and "converted"
+ignored), as `Detections.to_json()` and the detect CLI write them. An image the detect CLI could not read
+is {"error": message}: it counts as an image where nothing was found (its faces are missed, as they
+were). The image paths are matched to each benchmark's names by their last components (path_parts,
+strip_ext).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ class EvaluationError(ValueError):
 
 
 def _image_detections(name: str, value: Any) -> dict[str, np.ndarray | None]:
-    """One image's {"boxes", "landmarks"} as float arrays (N, 5) and (N, 5, 2) or None, validated."""
+    """One image's {"boxes", "landmarks"} as float arrays (N, 5) and (N, 5, 2) or None, validated; an
+    {"error": message} entry (an image the detector could not read) as no boxes."""
+    if isinstance(value, dict) and "error" in value and "boxes" not in value:
+        return {"boxes": np.zeros((0, 5)), "landmarks": None}
     if not isinstance(value, dict) or not isinstance(value.get("boxes"), list):
         raise EvaluationError(f"{name}: expected an object with a 'boxes' list, got {type(value).__name__}")
     try:

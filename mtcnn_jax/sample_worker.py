@@ -27,7 +27,7 @@ def decode_image(encoded: bytes, name: str) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(encoded)) as img:
             img.load()
-            return load_image(img, name)
+            return load_image(img, name, strict=True)  # the samples as before: 8-bit RGB only
     except (ImageError, OSError, SyntaxError, ValueError):
         return None
 

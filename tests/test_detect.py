@@ -1,9 +1,13 @@
-"""detect.py: image loading and its errors, batching by bucket, overflow warnings, params, the CLI."""
+"""detect.py and images.py: image loading, its conversions and errors, batching by bucket, overflow warnings,
+params, the API's argument checks, the CLI end to end (the CLI's front end: test_detect_cli.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +15,10 @@ from PIL import Image
 
 import mtcnn_jax
 from conftest import missing
-from mtcnn_jax import buckets, compiled, detect
+from mtcnn_jax import buckets, compiled, detect, outputs
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detect import CapacityWarning, Detections
-from mtcnn_jax.images import ImageError, load_image
+from mtcnn_jax.images import ImageError, list_inputs, load_converted, load_image
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -41,7 +45,35 @@ def _png(tmp_path, name, img):
     return str(p)
 
 
+def _broken_link(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    return str(tmp_path / "gone.jpg")
+
+
+def _folder(tmp_path):
+    (tmp_path / "folder.jpg").mkdir()
+    return str(tmp_path / "folder.jpg")
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h RGB pixels and holds none: PIL's decompression-bomb check reads the header."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def _bomb(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header(14000, 14000))
+    return str(tmp_path / "bomb.png")
+
+
+# Refused always; those in CONVERTED_UNLESS_STRICT only with strict=True (else converted, below).
 BAD_INPUTS = {
+    "broken symlink": (_broken_link, "broken symbolic link"),
+    "folder named .jpg": (_folder, "is a folder"),
+    "14000x14000 png": (_bomb, "too large to decode safely"),
     "text file named .jpg": (_text_as_jpg, "not an image file"),
     "truncated jpeg": (_truncated_jpeg, "truncated"),
     "grayscale png": (lambda t: _png(t, "gray.png", Image.fromarray(rgb(40, 40)[..., 0])), "grayscale"),
@@ -62,16 +94,21 @@ BAD_INPUTS = {
 }
 
 
+CONVERTED_UNLESS_STRICT = {"grayscale png", "rgba png", "palette png", "16-bit png", "uint16 array", "2-D array",
+                           "4-channel array", "grayscale PIL"}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_raises_image_error_naming_it(tmp_path, case):
     make, expected = BAD_INPUTS[case]
     source = make(tmp_path)
-    with pytest.raises(ImageError) as info:
-        load_image(source, None if isinstance(source, str) else "my_input")
-    message = str(info.value)
-    assert expected in message
-    assert (source if isinstance(source, str) else "my_input") in message
-    assert "\n" not in message and ";" in message  # one line: the problem, then what to do
+    for strict in (True,) if case in CONVERTED_UNLESS_STRICT else (True, False):
+        with pytest.raises(ImageError) as info:
+            load_image(source, None if isinstance(source, str) else "my_input", strict=strict)
+        message = str(info.value)
+        assert expected in message
+        assert (source if isinstance(source, str) else "my_input") in message
+        assert "\n" not in message and ";" in message  # one line: the problem, then what to do
 
 
 def test_load_image_sources_agree_and_exif_orientation_applied(tmp_path):
@@ -85,6 +122,70 @@ def test_load_image_sources_agree_and_exif_orientation_applied(tmp_path):
     jpg = tmp_path / "rotated.jpg"
     Image.fromarray(a).save(jpg, exif=exif, quality=95)
     assert load_image(jpg).shape == (50, 30, 3)
+
+
+def test_conversions_to_8bit_rgb_are_noted(tmp_path):
+    a = rgb(30, 40)
+    gray = a[..., 0]
+    alpha = np.tile(np.array([0, 128, 255], np.uint8), (30, 14))[:, :40]
+    rgba = np.dstack([a, alpha])
+    white = lambda c, al: ((c.astype(np.uint32) * al + 255 * (255 - al.astype(np.uint32)) + 127) // 255).astype(np.uint8)  # noqa: E731
+    on_white = white(a, alpha[..., None])
+    deep = (gray.astype(np.uint16) * 257)  # 16-bit with the same 8-bit values
+    cases = {  # source: (expected pixels, words of the note)
+        "L": (Image.fromarray(gray), np.dstack([gray] * 3), "L -> RGB"),
+        "1": (Image.fromarray(gray > 127), np.dstack([np.where(gray > 127, 255, 0).astype(np.uint8)] * 3), "1 -> RGB"),
+        "LA": (Image.fromarray(np.dstack([gray, alpha]), "LA"), np.dstack([white(gray, alpha)] * 3), "LA -> RGB (alpha on white)"),
+        "RGBA": (Image.fromarray(rgba, "RGBA"), on_white, "RGBA -> RGB (alpha on white)"),
+        "I;16": (Image.fromarray(deep), np.dstack([gray] * 3), "I;16 -> RGB (16-bit scaled to 8)"),
+        "CMYK": (Image.fromarray(a).convert("CMYK"), None, "CMYK -> RGB"),
+        "2-D": (gray, np.dstack([gray] * 3), "(30, 40) -> RGB (grayscale)"),
+        "HxWx1": (gray[..., None], np.dstack([gray] * 3), "grayscale"),
+        "HxWx4": (rgba, on_white, "alpha on white"),
+        "uint16": (a.astype(np.uint16) * 257, a, "uint16 array of shape (30, 40, 3) -> RGB (16-bit scaled to 8)"),
+    }
+    for mode, (source, expected, note) in cases.items():
+        pixels, converted = load_converted(source)
+        assert pixels.dtype == np.uint8 and pixels.shape == (30, 40, 3), mode
+        assert note in converted, (mode, converted)
+        if expected is not None:
+            np.testing.assert_array_equal(pixels, expected, err_msg=mode)
+    assert load_converted(a)[1] is None and load_converted(Image.fromarray(a))[1] is None
+    # palette with a transparent entry, saved and read back: the transparent pixels become white
+    pal = Image.fromarray(a).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    pal.save(tmp_path / "pal.png")
+    pixels, converted = load_converted(tmp_path / "pal.png")
+    assert converted == "P -> RGB (alpha on white)" and (pixels[0, 0] == 255).all()
+    assert load_converted(Image.fromarray(a).convert("P"))[1] == "P -> RGB"
+    with pytest.raises(ImageError, match="float"):
+        load_converted(Image.fromarray(gray.astype(np.float32)))
+
+
+def test_lazy_pil_images_that_fail_to_decode_are_image_errors(tmp_path):
+    lazy = Image.open(_truncated_jpeg(tmp_path))  # opened, not decoded: decoding fails in load_image
+    with pytest.raises(ImageError, match="images\\[1\\]: could not be decoded"):
+        load_image(lazy, "images[1]")
+
+
+def test_decompression_bomb_limit_is_pils(tmp_path, monkeypatch):
+    Image.fromarray(rgb(120, 120)).save(tmp_path / "big.png")  # 14400 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # PIL warns above 10000, raises above 20000
+    with pytest.raises(ImageError, match="too large to decode safely.*MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
+    assert load_image(tmp_path / "big.png").shape == (120, 120, 3)
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    Image.fromarray(rgb(20, 20)).save(path)
+    if os.geteuid() != 0:  # root reads anything: there the open is made to fail as it would
+        path.chmod(0)
+    else:
+        monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ImageError, match="locked.png: cannot be read \\(Permission denied\\)"):
+        load_image(path)
 
 
 # ---------------------------------------------------------------------------------------------- fake cascade
@@ -145,7 +246,7 @@ def test_no_face_gives_empty_arrays_of_the_right_shapes(monkeypatch):
     monkeypatch.setattr(compiled, "detect_bucket", fake_bucket([]), raising=False)
     det = detect.detect(np.zeros((40, 40, 3), np.uint8), FAKE_PARAMS)
     assert det.boxes.shape == (0, 4) and det.scores.shape == (0,) and det.landmarks.shape == (0, 5, 2)
-    assert len(det) == 0 and det.to_json() == {"boxes": [], "landmarks": []}
+    assert len(det) == 0 and det.to_json() == {"boxes": [], "landmarks": [], "overflow": {"pnet": 0, "rnet": 0}}
 
 
 def test_overflow_warns_naming_image_and_stage(monkeypatch):
@@ -166,8 +267,51 @@ def test_image_smaller_than_min_face_size_needs_no_run(monkeypatch):
 def test_to_json_format():
     det = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.5], np.float32),
                      np.arange(10, dtype=np.float32).reshape(1, 5, 2))
-    assert det.to_json() == {"boxes": [[1, 2, 3, 4, 0.5]], "landmarks": [[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]]}
-    json.dumps(det.to_json())
+    assert det.to_json() == {"boxes": [[1, 2, 3, 4, 0.5]], "landmarks": [[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]],
+                             "overflow": {}}
+    noted = Detections(det.boxes, det.scores, det.landmarks, {"rnet": 3}, "L -> RGB")
+    assert noted.to_json() == det.to_json() | {"overflow": {"rnet": 3}, "converted": "L -> RGB"}
+    json.dumps(noted.to_json())
+
+
+def test_batch_names_conversions_and_strict(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiled, "detect_bucket", fake_bucket([], overflow_for=70), raising=False)
+    gray = rgb(40, 70)[..., 0]
+    with pytest.warns(CapacityWarning, match=r"^gray\.png: 7 candidates"):
+        out = detect.detect_batch([gray, rgb(40, 50)], FAKE_PARAMS, names=["gray.png", "colour.png"])
+    assert out[0].converted == "uint8 array of shape (40, 70) -> RGB (grayscale)" and out[1].converted is None
+    strict = detect.detect_batch([gray, rgb(40, 50)], FAKE_PARAMS, names=["gray.png", "b"], strict=True)
+    assert isinstance(strict[0], ImageError) and str(strict[0]).startswith("gray.png: grayscale")
+    with pytest.raises(ImageError, match="^mine: grayscale"):
+        detect.detect(gray, FAKE_PARAMS, name="mine", strict=True)
+    assert detect.detect(gray[:, :50], FAKE_PARAMS).converted.endswith("(grayscale)")
+    with pytest.raises(ValueError, match="names"):
+        detect.detect_batch([gray], FAKE_PARAMS, names=["a", "b"])
+    lazy = Image.open(_truncated_jpeg(tmp_path))
+    out = detect.detect_batch([rgb(40, 50), lazy], FAKE_PARAMS)
+    assert isinstance(out[0], Detections) and isinstance(out[1], ImageError) and "images[1]" in str(out[1])
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({"min_face_size": float("nan")}, "min_face_size"), ({"min_face_size": 0}, "min_face_size"),
+    ({"scale_factor": 1.0}, "scale_factor"), ({"scale_factor": float("inf")}, "scale_factor"),
+    ({"thresholds": (0.6, 0.7)}, "thresholds"), ({"thresholds": (0.6, float("nan"), 0.7)}, "thresholds"),
+    ({"thresholds": (0.6, 0.7, 1.5)}, "thresholds"), ({"thresholds": (0, 0.7, 0.7)}, "thresholds"),
+    ({"batch_size": 0}, "batch_size")])
+def test_api_keywords_checked_before_any_work(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        detect.detect_batch([rgb(40, 40)], {"not": "params"}, **keywords)
+    if "batch_size" not in keywords:
+        with pytest.raises(ValueError, match=message):
+            detect.detect(rgb(40, 40), {"not": "params"}, **keywords)
+
+
+@pytest.mark.parametrize("field, value", [("max_faces", -1), ("rnet_capacity", 0), ("pnet_capacity", 0),
+                                          ("window_capacity", 0), ("net_chunk", 0), ("bucket_multiple", -1),
+                                          ("nms_rnet", 0.0), ("max_faces", 1.5)])
+def test_config_fields_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        CascadeConfig(**{field: value})
 
 
 def test_config_and_keywords_are_exclusive():
@@ -264,16 +408,19 @@ def test_cli_end_to_end(reference, tmp_path, capsys):
     (more / "notes.txt").write_text("not an image suffix: never read")
     inputs = [str(reference / "ivan.jpg"), str(reference / "no-faces.jpg"), str(more)]
     code, result, out, err = run_cli(inputs, tmp_path, capsys)
-    assert code == 0
-    assert sorted(result) == sorted(inputs[:2] + [os.path.join(str(more), "sub", "grey.bmp")])
+    assert code == 1  # broken.jpg failed; the others were processed
+    broken = os.path.join(str(more), "broken.jpg")
+    assert sorted(result) == sorted(inputs[:2] + [os.path.join(str(more), "sub", "grey.bmp"), broken])
+    assert "not an image" in result.pop(broken)["error"]
     check_cli_json(result)
     assert len(result[inputs[0]]["boxes"]) >= 1 and result[inputs[1]]["boxes"] == []
-    assert "broken.jpg" in err and "not an image" in err
+    assert result[inputs[0]]["overflow"] == {"window": 0, "pnet": 0, "rnet": 0, "faces": 0}
+    assert "broken.jpg" in err and "not an image" in err and "skipped 1 file" in err and "notes.txt" in err
     assert "3 images" in out and "1 errors" in out
-    drawn = tmp_path / "drawn"
-    assert sorted(str(p.relative_to(drawn)) for p in drawn.rglob("*.*")) == ["ivan.jpg", "no-faces.jpg",
-                                                                          os.path.join("sub", "grey.png")]
-    assert Image.open(drawn / "ivan.jpg").size == Image.open(reference / "ivan.jpg").size
+    drawn = tmp_path / "drawn"  # mirrors the inputs below their deepest common folder
+    mirrored = [drawn / p for p in outputs.relative_paths([inputs[0], inputs[1], os.path.join(more, "sub", "grey.png")])]
+    assert sorted(drawn.rglob("*.*")) == sorted(mirrored)
+    assert Image.open(mirrored[0]).size == Image.open(reference / "ivan.jpg").size
 
 
 def test_cli_whole_reference_folder(reference, tmp_path, capsys):
@@ -283,6 +430,8 @@ def test_cli_whole_reference_folder(reference, tmp_path, capsys):
     check_cli_json(result)
     assert f"{len(photos)} images" in out and "0 errors" in out
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == photos
+    assert detect.main([str(reference), "--json", str(tmp_path / "out.json")]) == 2  # exists: not overwritten
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
@@ -292,11 +441,11 @@ def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
     assert "broken.jpg" in captured.err and "missing.png" in captured.err and "2 errors" in captured.out
 
 
-def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypatch):
+def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypatch, capsys):
     Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
-    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch: seen.append(cfg) or
+    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes: seen.append(cfg) or
                         [detect._empty_detections({}) for _ in images])
     assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
     assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20
@@ -305,10 +454,11 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
                         "--rnet-capacity", "1024", "--max-faces", "600"]) == 0
     assert (seen[1].window_capacity, seen[1].pnet_capacity, seen[1].rnet_capacity, seen[1].max_faces) == (
         40000, 8192, 1024, 600)
-    with pytest.raises(ValueError, match="rnet_capacity must be a multiple of net_chunk"):
-        detect.main([str(tmp_path / "grey.png"), "--rnet-capacity", "1000"])
-    with pytest.raises(ValueError, match="bucket_multiple must be >= 0"):
-        detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "-1"])
+    for flags, message in [(["--rnet-capacity", "1000"], "--rnet-capacity must be a multiple of net_chunk"),
+                           (["--bucket-multiple", "-1"], "--bucket-multiple must be >= 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            detect.main([str(tmp_path / "grey.png"), *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path):
@@ -318,8 +468,9 @@ def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path
     for name, (h, w) in sizes.items():
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
     (tmp_path / "bad.jpg").write_text("not an image")
-    files = detect.expand_inputs([str(tmp_path)])
-    names = [rel for _, rel in files]
+    files, skipped = list_inputs([str(tmp_path)])
+    names = [os.path.relpath(f, tmp_path) for f in files]
+    assert skipped == []
     batches, order = detect._work_order(files, CascadeConfig(), batch_size=2)
     assert [(bucket, [names[i] for i in chunk]) for bucket, chunk in batches] == [
         ((512, 768), ["a.png", "c.png"]), ((128, 128), ["b.png"])]
@@ -327,16 +478,16 @@ def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path
     assert [names[i] for i in order[-1]] == ["bad.jpg", "tiny.png"]
 
 
-def test_detect_batch_refuses_one_path():
-    with pytest.raises(TypeError, match="use detect"):
-        detect.detect_batch("x.jpg", FAKE_PARAMS)
+def test_detect_batch_refuses_one_image():
+    for one in ("x.jpg", Path("x.jpg"), Image.fromarray(rgb(20, 20)), rgb(20, 20), rgb(20, 20)[..., 0]):
+        with pytest.raises(TypeError, match="use detect"):
+            detect.detect_batch(one, FAKE_PARAMS)
 
 
 def test_cli_refuses_bad_output_paths_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(detect, "resolve_params", lambda weights: pytest.fail("work started"))
-    (tmp_path / "a_file").write_text("x")
-    cases = [(["--json", str(tmp_path)], "is a folder"), (["--draw", str(tmp_path / "a_file")], "is a file")]
+    (tmp_path / "a_file.png").write_text("x")
+    cases = [(["--json", str(tmp_path)], "is a folder"), (["--draw", str(tmp_path / "a_file.png")], "is a file")]
     for flags, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            detect.main([str(tmp_path), *flags])
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert detect.main([str(tmp_path), *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""The detect command line's flags: each one's default shown by --help, and each one checked before any
+work, a bad value being one `error:` line that names the flag (the checks are `CascadeConfig`'s own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from mtcnn_jax import compile_cache
+from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, THRESHOLDS
+
+PROG = "python -m mtcnn_jax.detect"
+# Which CascadeConfig field bounds each stage that detect_bucket reports overflow for.
+CAPACITY_FIELDS = {"window": "window_capacity", "pnet": "pnet_capacity",
+                   "rnet": "rnet_capacity", "faces": "max_faces"}
+
+EPILOG = """\
+Exit code 0 when every image was processed, 1 when any failed, 2 for a bad flag or output path.
+Before any image is read, every flag is checked, and so are the --json file and the --draw folder (a folder
+given for a file or the reverse, a place that cannot be written, files that exist: refused unless
+--overwrite). Each image's failure (not an image, truncated, unreadable, a broken link, a folder, over
+PIL's decompression-bomb limit, the same file given twice) is one line on stderr and its entry
+{"error": message} in the --json file; the other images still run. The --json file is valid JSON after
+every image: {path: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5], ...],
+"overflow": {stage: dropped}, "converted": "RGBA -> RGB (alpha on white)" (only when converted)}}.
+Grayscale, alpha, palette, CMYK and 16-bit images are converted to 8-bit RGB (alpha on white) unless
+--strict. Drawings mirror the inputs' paths below their deepest common folder, renamed (x-2.png) where
+two would collide."""
+
+
+def capacity_flag(field_name: str) -> str:
+    """The command-line flag that sets a CascadeConfig field (build_parser adds one per capacity field)."""
+    return "--" + field_name.replace("_", "-")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown (except where the help says it: defaults of None or False), the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
+    p = argparse.ArgumentParser(prog=PROG, description="Detect faces and their five landmarks (MTCNN) in images "
+                                "and folders.", epilog=EPILOG, formatter_class=_Help)
+    defaults = CascadeConfig()
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
+    p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint folder (default: the original weights)")
+    p.add_argument("--min-face-size", type=float, default=MIN_FACE_SIZE, help="smallest face side looked for, px")
+    p.add_argument("--scale-factor", type=float, default=SCALE_FACTOR, help="image pyramid step, in (0, 1)")
+    p.add_argument("--thresholds", type=float, nargs=3, default=THRESHOLDS, metavar=("T1", "T2", "T3"),
+                   help="P-Net, R-Net and O-Net score thresholds, each in (0, 1]")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one bucket run together (default: 1 on CPU, where larger batches run "
+                        "slower per image, 8 on accelerators)")
+    p.add_argument("--bucket-multiple", type=int, default=defaults.bucket_multiple, metavar="N",
+                   help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
+                        "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
+                        "padded size); detections do not change")
+    compile_cache.add_flag(p)
+    for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
+        default = getattr(defaults, field_name)
+        p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",
+                       help=f"CascadeConfig.{field_name}" + ("" if default else " (default: from the bucket's area)"))
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write {path: detections or error} here, one entry a line as each image is done "
+                        "(default: print one line per image)")
+    p.add_argument("--draw", default=None, metavar="OUT_DIR",
+                   help="write annotated copies here, mirroring the inputs' folders (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file and drawings that exist")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse images that are not 8-bit RGB instead of converting them")
+    return p
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CascadeConfig:
+    """The CascadeConfig of the flags; a value out of range is parser.error naming its flag."""
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    flags = {f: getattr(args, f) for f in (*CAPACITY_FIELDS.values(), "min_face_size", "scale_factor",
+                                           "bucket_multiple")}
+    try:
+        return CascadeConfig(thresholds=tuple(args.thresholds), **flags)
+    except ValueError as err:
+        parser.error(re.sub(r"\b(%s|thresholds)\b" % "|".join(flags), lambda m: capacity_flag(m[1]), str(err)))
