@@ -25,7 +25,8 @@ from mtcnn_jax.buckets import bucket_shape, pad_to_bucket
 from mtcnn_jax.images import ImageSource, load_image
 
 BORDERS = ("zeros", "edge")  # outside the image: black, or the nearest edge pixel repeated
-CUSTOM = "custom"  # the template name an Aligned of a user template carries
+CUSTOM = "custom"
+MIN_FACES = 8  # faces are padded to a power of two at least this, so a folder compiles few warps  # the template name an Aligned of a user template carries
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,9 @@ def _faces(detections_or_landmarks: Any) -> tuple[np.ndarray | None, np.ndarray 
 
 
 def _pad_faces(a: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """a (K, ...) padded with copies of `fill` to the next power of two rows, so few shapes compile."""
-    padded = 1 << max(len(a) - 1, 0).bit_length()
+    """a (K, ...) padded with copies of `fill` to the next power of two rows (at least MIN_FACES), so
+    few shapes compile."""
+    padded = max(MIN_FACES, 1 << max(len(a) - 1, 0).bit_length())
     return np.concatenate([a, np.broadcast_to(fill, (padded - len(a), *a.shape[1:]))]).astype(np.float32)
 
 
@@ -287,6 +289,24 @@ def _empty(out_hw: tuple[int, int], name: str) -> Aligned:
     """The Aligned of no faces: arrays of the right shapes with K = 0."""
     m = np.zeros((0, 2, 3), np.float32)
     return Aligned(np.zeros((0, *out_hw, 3), np.uint8), m, m.copy(), name)
+
+
+def crop_geometry(template: Any = "arcface112", size: int | Sequence[int] | None = None, border: str = "zeros",
+                  margin: float = 0.0) -> tuple[np.ndarray | None, tuple[int, int], str]:
+    """What `align` crops to, checked before any image is read: (the template's points_5x2 in the crop,
+    None for the facenet margin crop; the crop's (h, w); the template's name). ValueError for a bad choice."""
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+    points, native, name = _lookup(template)
+    if points is not None:
+        dst, out_hw = template_points(template, size)
+        return dst, out_hw, name
+    out_hw = _check_size(size) or native
+    if out_hw[0] != out_hw[1]:
+        raise ValueError(f"the facenet margin crop is square: pass one int size, got {size!r}")
+    if not 0 <= margin < out_hw[0]:
+        raise ValueError(f"margin must be in [0, size) output pixels, got {margin!r} for size {out_hw[0]}")
+    return None, out_hw, name
 
 
 def align(image: ImageSource, detections_or_landmarks: Any, template: Any = "arcface112",
@@ -299,24 +319,13 @@ def align(image: ImageSource, detections_or_landmarks: Any, template: Any = "arc
     `template_points`, which also says what `size` does); "facenet" crops the box plus `margin` output
     pixels to size x size (default 160). border: "zeros" or "edge", what is sampled outside the image.
     """
-    if border not in BORDERS:
-        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
-    points, native, name = _lookup(template)
+    points, out_hw, name = crop_geometry(template, size, border, margin)
     landmarks, boxes = _faces(detections_or_landmarks)
-    if points is None:
-        out_hw = _check_size(size) or native
-        if out_hw[0] != out_hw[1]:
-            raise ValueError(f"the facenet margin crop is square: pass one int size, got {size!r}")
-        if not 0 <= margin < out_hw[0]:
-            raise ValueError(f"margin must be in [0, size) output pixels, got {margin!r} for size {out_hw[0]}")
-        if boxes is None:
-            raise ValueError("the facenet margin crop needs boxes: pass the Detections (or a K x 4 boxes array)")
-        k = len(boxes)
-    else:
-        dst, out_hw = template_points(template, size)
-        if landmarks is None:
-            raise ValueError(f"template {name!r} needs landmarks: pass the Detections or a K x 5 x 2 array")
-        k = len(landmarks)
+    if points is None and boxes is None:
+        raise ValueError("the facenet margin crop needs boxes: pass the Detections (or a K x 4 boxes array)")
+    if points is not None and landmarks is None:
+        raise ValueError(f"template {name!r} needs landmarks: pass the Detections or a K x 5 x 2 array")
+    k = len(boxes) if points is None else len(landmarks)
     img = load_image(image)
     if k == 0:
         return _empty(out_hw, name)
@@ -325,6 +334,7 @@ def align(image: ImageSource, detections_or_landmarks: Any, template: Any = "arc
         result = _margin_crops(bucket[0], hw[0], _pad_faces(boxes, np.array([0, 0, 1, 1])), float(out_hw[0]),
                                float(margin), out_hw=out_hw, border=border)
     else:
-        result = _similarity_crops(bucket[0], hw[0], _pad_faces(landmarks, dst), dst, out_hw=out_hw, border=border)
+        result = _similarity_crops(bucket[0], hw[0], _pad_faces(landmarks, points), points, out_hw=out_hw,
+                                   border=border)
     crops, matrices, inverses = jax.device_get(result)
     return Aligned(np.asarray(crops[:k]), np.asarray(matrices[:k]), np.asarray(inverses[:k]), name)

@@ -26,9 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from mtcnn_jax import buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained
+from mtcnn_jax.align import Aligned, align, crop_geometry
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.detect_flags import CAPACITY_FIELDS, PROG, build_parser, capacity_flag, config_from_args
+from mtcnn_jax.detect_flags import CAPACITY_FIELDS, PROG, build_parser, capacity_flag, check_crops, config_from_args
 from mtcnn_jax.images import (IMAGE_SUFFIXES, ImageError, ImageSource, first_copies, list_inputs, load_converted,
                               skipped_line)
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
@@ -41,25 +42,29 @@ class CapacityWarning(UserWarning):
 @dataclass(frozen=True, eq=False)
 class Detections:
     """The faces found in one image: boxes_Kx4 (x1, y1, x2, y2), scores_K, landmarks_Kx5x2 (x, y), the
-    per-stage counts of candidates dropped at a full capacity (0 when none) and how the image was
-    converted to 8-bit RGB (e.g. "RGBA -> RGB (alpha on white)"; None when it was RGB)."""
+    per-stage counts of candidates dropped at a full capacity (0 when none), how the image was
+    converted to 8-bit RGB (e.g. "RGBA -> RGB (alpha on white)"; None when it was RGB) and, when asked
+    for (`crops=`), the faces' aligned crops (`align.Aligned`: crops, matrices, inverses)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     landmarks: np.ndarray
     overflow: dict[str, int] = field(default_factory=dict)
     converted: str | None = None
+    aligned: Aligned | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_json(self) -> dict[str, Any]:
         """The shared detections format: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5],
-        ...], "overflow": {stage: count}}, and "converted": note when the image was converted."""
+        ...], "overflow": {stage: count}}, "converted": note when the image was converted, and
+        "crop_matrices": [2x3 image -> crop matrix per face] when crops were made."""
         boxes = np.column_stack([self.boxes, self.scores]).astype(np.float64)
         out = {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist(),
                "overflow": dict(self.overflow)}
-        return out | ({"converted": self.converted} if self.converted else {})
+        out |= {"converted": self.converted} if self.converted else {}
+        return out | ({"crop_matrices": self.aligned.matrices.astype(np.float64).tolist()} if self.aligned else {})
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -177,17 +182,23 @@ def _refuse_one_image(images: Any) -> None:
 def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
                  scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
                  config: CascadeConfig | None = None, batch_size: int | None = None,
-                 names: Sequence[str] | None = None, strict: bool = False) -> list[Detections | ImageError]:
+                 names: Sequence[str] | None = None, strict: bool = False, crops: Any = None,
+                 crop_size: int | Sequence[int] | None = None,
+                 crop_margin: float = 0.0) -> list[Detections | ImageError]:
     """Faces in many images of any sizes; a bad image yields its ImageError in its slot, the rest still run.
 
     Images of one bucket run `batch_size` at a time (default `buckets.default_batch_size()`). Errors and
     CapacityWarnings name each image by `names[i]`, else its path, else "images[i]". Grayscale, alpha,
-    palette and 16-bit images are converted (noted in `Detections.converted`) unless `strict`.
+    palette and 16-bit images are converted (noted in `Detections.converted`) unless `strict`. crops: a
+    template (`align.TEMPLATES` name or your points, at `crop_size`; "facenet" with `crop_margin`) to
+    put each face's aligned crop in `Detections.aligned`.
     """
     _refuse_one_image(images)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
+    if crops is not None:
+        crop_geometry(crops, crop_size, margin=crop_margin)
     sources = list(images)
     if names is None:
         names = [str(s) if isinstance(s, (str, os.PathLike)) else f"images[{i}]" for i, s in enumerate(sources)]
@@ -196,18 +207,31 @@ def detect_batch(images: Iterable[ImageSource], params: Any = None, *, min_face_
     loaded, converted = zip(*[_try_load(s, n, strict) for s, n in zip(sources, names)]) if sources else ((), ())
     if all(isinstance(x, ImageError) for x in loaded):
         return list(loaded)
-    return detect_loaded(loaded, names, resolve_params(params), cfg, batch_size, converted)
+    results = detect_loaded(loaded, names, resolve_params(params), cfg, batch_size, converted)
+    return [with_crops(img, det, crops, crop_size, crop_margin) for img, det in zip(loaded, results)]
 
 
 def detect(image: ImageSource, params: Any = None, *, min_face_size: float = MIN_FACE_SIZE,
            scale_factor: float = SCALE_FACTOR, thresholds: Sequence[float] = THRESHOLDS,
-           config: CascadeConfig | None = None, name: str | None = None, strict: bool = False) -> Detections:
-    """Faces in one image (a path, PIL image or numpy array; see `detect_batch` for conversions); raises
-    ImageError naming `name` (default: the path, else "image") for a bad input."""
+           config: CascadeConfig | None = None, name: str | None = None, strict: bool = False,
+           crops: Any = None, crop_size: int | Sequence[int] | None = None, crop_margin: float = 0.0) -> Detections:
+    """Faces in one image (a path, PIL image or numpy array; see `detect_batch` for conversions and
+    `crops`); raises ImageError naming `name` (default: the path, else "image") for a bad input."""
     cfg = make_config(config, min_face_size, scale_factor, thresholds)
+    if crops is not None:
+        crop_geometry(crops, crop_size, margin=crop_margin)
     name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     img, converted = load_converted(image, name, strict=strict)
-    return detect_loaded([img], [name], resolve_params(params), cfg, converted=[converted])[0]
+    det = detect_loaded([img], [name], resolve_params(params), cfg, converted=[converted])[0]
+    return with_crops(img, det, crops, crop_size, crop_margin)
+
+
+def with_crops(image: Any, det: Detections | ImageError, template: Any, size: Any = None,
+               margin: float = 0.0) -> Detections | ImageError:
+    """`det` with its faces' aligned crops (`align.align` to `template`), or as it is when template is None."""
+    if template is None or isinstance(det, ImageError):
+        return det
+    return dataclasses.replace(det, aligned=align(image, det, template, size, margin=margin))
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -261,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
+    check_crops(parser, args)
     files, skipped = list_inputs(args.inputs)
     if skipped:
         print(skipped_line(skipped), file=sys.stderr)
@@ -277,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs.check_json_target(args.json, "--json", args.overwrite)
     if args.draw:
         outputs.check_folder_target(args.draw, list(drawings.values()), "--draw", args.overwrite)
+    crop_bases = dict(zip(todo, outputs.mirror_paths([files[i] for i in todo], args.crops, outputs.crop_base))
+                      ) if args.crops else {}
+    if args.crops:
+        outputs.check_crops_target(args.crops, list(crop_bases.values()), "--crops", args.overwrite)
     try:
         compile_cache.configure(args.compile_cache)
     except ValueError as err:
@@ -312,7 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 if args.draw:
                     outputs.write_drawing(drawings[i], annotate_image(img, det))
-                results.add(files[i], det.to_json())
+                det = with_crops(img, det, args.template if args.crops else None, args.crop_size, args.margin)
+                entry = det.to_json()
+                if args.crops:
+                    entry["crops"] = outputs.write_crops(crop_bases[i], det.aligned.crops)
+                results.add(files[i], entry)
                 faces, done = faces + len(det), done + 1
                 if not args.json:
                     report(f"{files[i]}: {_summary(det)}", err=False)

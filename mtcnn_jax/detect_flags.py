@@ -8,6 +8,7 @@ import argparse
 import re
 
 from mtcnn_jax import compile_cache
+from mtcnn_jax.align import TEMPLATES, crop_geometry
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, THRESHOLDS
 
@@ -24,10 +25,11 @@ given for a file or the reverse, a place that cannot be written, files that exis
 PIL's decompression-bomb limit, the same file given twice) is one line on stderr and its entry
 {"error": message} in the --json file; the other images still run. The --json file is valid JSON after
 every image: {path: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5], ...],
-"overflow": {stage: dropped}, "converted": "RGBA -> RGB (alpha on white)" (only when converted)}}.
+"overflow": {stage: dropped}, "converted": "RGBA -> RGB (alpha on white)" (only when converted),
+"crops": [OUT_DIR/IMAGE_k.png per face], "crop_matrices": [2x3 image -> crop matrix per face] (with --crops)}}.
 Grayscale, alpha, palette, CMYK and 16-bit images are converted to 8-bit RGB (alpha on white) unless
---strict. Drawings mirror the inputs' paths below their deepest common folder, renamed (x-2.png) where
-two would collide."""
+--strict. Drawings and crops mirror the inputs' paths below their deepest common folder, renamed (x-2.png)
+where two would collide."""
 
 
 def capacity_flag(field_name: str) -> str:
@@ -72,10 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: print one line per image)")
     p.add_argument("--draw", default=None, metavar="OUT_DIR",
                    help="write annotated copies here, mirroring the inputs' folders (default: none)")
-    p.add_argument("--overwrite", action="store_true", help="replace the --json file and drawings that exist")
+    p.add_argument("--crops", default=None, metavar="OUT_DIR",
+                   help="write each face's aligned crop here as IMAGE_k.png (k: the face's index in the JSON), "
+                        "mirroring the inputs' folders, and list them in the JSON (default: none)")
+    p.add_argument("--template", default="arcface112", choices=list(TEMPLATES),
+                   help="the crops' geometry: arcface112 (insightface's 112x112), sphereface112x96 "
+                        "(SphereFace/CosFace), facenet (the box plus --margin, square, as facenet-pytorch)")
+    p.add_argument("--crop-size", type=int, default=None, metavar="N",
+                   help="crop height in pixels, the width and the template's points scaled with it "
+                        "(default: the template's own, 160 for facenet)")
+    p.add_argument("--margin", type=float, default=0.0, metavar="PX",
+                   help="facenet template: margin around the box, in crop pixels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --json file, drawings and crops that exist")
     p.add_argument("--strict", action="store_true",
                    help="refuse images that are not 8-bit RGB instead of converting them")
     return p
+
+
+def check_crops(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--template, --crop-size and --margin: only with --crops, and a crop `align` can make."""
+    given = [flag for flag, value, default in (("--template", args.template, "arcface112"),
+             ("--crop-size", args.crop_size, None), ("--margin", args.margin, 0.0)) if value != default]
+    if given and not args.crops:
+        parser.error(f"{', '.join(given)} shape the aligned crops: add --crops OUT_DIR")
+    if args.crop_size is not None and args.crop_size < 1:
+        parser.error(f"--crop-size must be >= 1, got {args.crop_size}")
+    try:
+        crop_geometry(args.template, args.crop_size, margin=args.margin)
+    except ValueError as err:
+        parser.error(str(err).replace("margin", "--margin", 1))
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CascadeConfig:

@@ -6,7 +6,8 @@
 - `mirror_paths`: output files (drawings, aligned crops) that mirror the inputs' paths relative to the
   deepest folder holding them all, renamed where two would collide (x.png and x.bmp both drawn as PNG,
   a/x.jpg and b/x.jpg given as files), so no output overwrites another.
-- `check_json_target`, `check_folder_target`: an output path refused before any image is read (a folder
+- `write_crops`: one image's aligned crops, `{its mirrored path}_{k}.png` per face.
+- `check_json_target`, `check_folder_target`, `check_crops_target`: an output path refused before any image is read (a folder
   where a file is wanted, an unwritable place, files that exist, unless overwriting was asked for).
 """
 
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
+
+from PIL import Image
 
 from mtcnn_jax import cli
 
@@ -82,6 +86,39 @@ def check_folder_target(folder: str | os.PathLike, targets: Sequence[Path], flag
     if not overwrite:
         _refuse_existing([t for t in targets if t.exists() or t.is_symlink()], f"{flag} {folder}")
     return out
+
+
+def crop_base(rel: PurePath) -> PurePath:
+    """Where an image's aligned crops go: its relative path without the suffix; face k is `{base}_{k}.png`."""
+    return rel.with_suffix("")
+
+
+def _crop_files(base: Path) -> list[Path]:
+    """The crop files of one image that exist under `base` (`{base.name}_{k}.png`)."""
+    pattern = re.compile(re.escape(base.name) + r"_\d+\.png")
+    return sorted(p for p in base.parent.glob(base.name + "_*.png") if pattern.fullmatch(p.name)) \
+        if base.parent.is_dir() else []
+
+
+def check_crops_target(folder: str | os.PathLike, bases: Sequence[Path], flag: str, overwrite: bool) -> Path:
+    """`folder` if every image's crops can be written under it (`check_folder_target`), none of them there
+    from before unless `overwrite`; else CliError."""
+    out = check_folder_target(folder, [b.with_name(b.name + "_0.png") for b in bases], flag, overwrite=True)
+    if not overwrite:
+        _refuse_existing([f for b in bases for f in _crop_files(b)], f"{flag} {folder}")
+    return out
+
+
+def write_crops(base: Path, crops_Kxhxwx3: Any) -> list[str]:
+    """Save one image's aligned crops as `{base}_{k}.png` (lossless), replacing crops of an earlier run of
+    this image; the paths written."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for old in _crop_files(base):
+        old.unlink()
+    paths = [base.with_name(f"{base.name}_{k}.png") for k in range(len(crops_Kxhxwx3))]
+    for path, crop in zip(paths, crops_Kxhxwx3):
+        Image.fromarray(crop).save(path)
+    return [str(p) for p in paths]
 
 
 def write_drawing(target: Path, drawing: Any) -> None:

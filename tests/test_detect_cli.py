@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from mtcnn_jax import compiled, detect, images
+from mtcnn_jax.align import align
 from mtcnn_jax.detections_json import load_detections
 from test_detect import FAKE_PARAMS, fake_bucket, png_header, rgb
 
@@ -242,3 +243,42 @@ def test_subprocess_bad_flag_no_traceback(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
         "python -m mtcnn_jax.detect: error: --max-faces must be an integer >= 1, got -1")
+
+
+def test_crops_mirror_inputs_are_listed_and_never_overwritten(tmp_path, capsys, fake_cascade):
+    inputs = [save(tmp_path / d / "x.jpg", Image.fromarray(rgb(60, 80, seed=k))) for k, d in enumerate("ab")]
+    out, crops = tmp_path / "faces.json", tmp_path / "crops"
+    assert detect.main([*inputs, "--json", str(out), "--crops", str(crops)]) == 0
+    result = json.loads(out.read_text())
+    for d, path in zip("ab", inputs):
+        written = crops / d / "x_0.png"
+        assert result[path]["crops"] == [str(written)] and Image.open(written).size == (112, 112)
+        assert np.asarray(result[path]["crop_matrices"]).shape == (1, 2, 3)
+    again = [*inputs, "--json", str(tmp_path / "again.json"), "--crops", str(crops)]
+    assert detect.main(again) == 2 and "would overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "again.json").exists()
+    assert detect.main([*again, "--overwrite", "--template", "facenet", "--crop-size", "64", "--margin", "8"]) == 0
+    assert sorted(p.name for p in crops.rglob("*.png")) == ["x_0.png", "x_0.png"]
+    assert Image.open(crops / "a" / "x_0.png").size == (64, 64)
+
+
+def test_detect_batch_crops_equal_align(tmp_path, fake_cascade):
+    image = rgb(60, 80)
+    det, bad = detect.detect_batch([image, np.zeros((4, 4, 3), np.uint8)], crops="sphereface112x96")
+    assert isinstance(bad, images.ImageError) and det.aligned.crops.shape == (1, 112, 96, 3)
+    np.testing.assert_array_equal(det.aligned.crops, align(image, det, "sphereface112x96").crops)
+    with pytest.raises(ValueError, match="unknown template"):
+        detect.detect(image, crops="arcface")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--template", "facenet"], "--template shape the aligned crops: add --crops"),
+    (["--crops", "c", "--crop-size", "0"], "--crop-size must be >= 1"),
+    (["--crops", "c", "--template", "facenet", "--margin", "200"], "--margin must be in [0, size)"),
+    (["--crops", "c", "--template", "arcface"], "invalid choice"),
+])
+def test_bad_crop_flags_one_error_line(flags, message, tmp_path, capsys, no_reading):
+    with pytest.raises(SystemExit) as exit_info:
+        detect.main([str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
