@@ -21,7 +21,7 @@ from mtcnn_jax import boxes as bx
 from mtcnn_jax import nets
 from mtcnn_jax.buckets import bucket_capacities
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.crops import CropSources, crop_mips, crop_patches, crop_sources
+from mtcnn_jax.crops import CropSources, crop_patches, crop_sources
 from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_masks, mip_pyramid, pnet_map_size
 from mtcnn_jax.stages import INPUT_SIZE
 
@@ -109,8 +109,7 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    n_crop = crop_mips(hb, wb)
-    mips = jax.vmap(lambda im, hw: mip_pyramid(im, hw, max(plan.n_mips, n_crop)))(images, sizes_Bx2)
+    mips = jax.vmap(lambda im, hw: mip_pyramid(im, hw, plan.n_mips))(images, sizes_Bx2)
     groups = jax.vmap(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
         images, sizes_Bx2, level_hw_BxLx2, taps_B, mips)
     masks = jax.vmap(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
@@ -128,7 +127,7 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     overflow = {"window": over_window, "pnet": over_pnet}
     if upto == "pnet":
         return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
-    srcs = jax.vmap(lambda im, hw, m: crop_sources(im, hw, n_crop, m))(images, sizes_Bx2, mips)
+    srcs = jax.vmap(crop_sources)(images_BxHxWx3, sizes_Bx2)  # from the 8-bit pixels: exact integer sums
     r = _run_in_chunks(_stage_net("rnet", params, srcs), b1, v1, config.net_chunk, _stage_spec("rnet"))
     b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
     if upto == "rnet":

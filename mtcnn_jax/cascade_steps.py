@@ -17,7 +17,7 @@ import numpy as np
 from mtcnn_jax import boxes as bx
 from mtcnn_jax import nets
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.crops import crop_mips, crop_patches, crop_sources
+from mtcnn_jax.crops import crop_patches, crop_sources
 from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_sizes, level_views, mip_pyramid
 from mtcnn_jax.stages import INPUT_SIZE
 
@@ -55,7 +55,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
         return {"scales": [], "levels": [], "pnet_levels": [], "pnet": none, "rnet": none, "onet": none,
                 "landmarks": np.zeros((0, 5, 2), np.float32)}
     sizes = level_sizes(h, w, list(plan.scales))
-    mips = mip_pyramid(image, np.array([h, w]), max(plan.n_mips, crop_mips(h, w)))  # shared by levels and crops
+    mips = mip_pyramid(image, np.array([h, w]), plan.n_mips)
     groups = [np.asarray(g) for g in build_levels(image, np.array([h, w]), sizes, plan, mips=mips)]
     levels = level_views(groups, sizes, plan)
     found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, plan.scales)]
@@ -66,7 +66,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     keep = bx.nms(win, score, config.nms_pnet)
     b1 = bx.refine(win[keep], reg[keep], plus_one=False)
     steps["pnet"] = {"boxes": b1, "scores": score[keep]}
-    src = crop_sources(image, np.array([h, w]), crop_mips(h, w), mips)
+    src = crop_sources(np.asarray(image_HxWx3), np.array([h, w]))  # as given: 8-bit pixels sum exactly
     out = _run_net("rnet", params["rnet"], crop_patches(src, b1, INPUT_SIZE["rnet"]))
     prob, reg = _probability(out["logits"]), np.asarray(out["box"])
     passed = np.nonzero(prob > config.thresholds[1])[0]

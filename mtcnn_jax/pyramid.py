@@ -2,9 +2,10 @@
 themselves, resampled as detect_face.m does and packed for P-Net.
 
 Scales and level sizes follow detect_face.m. Resizing follows imResample, which detect_face.m calls: an
-exact area average when shrinking, bilinear with half-pixel centres when enlarging (`resample_taps`, also
-used by the crops). One shortcut keeps it cheap, documented in the README: a level is area-resampled from
-the exact 2^j x 2^j mip of the image just larger than it (`mip_pyramid`), not from the image itself.
+exact area average when shrinking, bilinear with half-pixel centres when enlarging (`resample_taps`; the
+crops, `crops.py`, compute the same from the image itself). One shortcut keeps it cheap, documented in the
+README: a level is area-resampled from the exact 2^j x 2^j mip of the image just larger than it
+(`mip_pyramid`), not from the image itself.
 All levels live in stacked canvases (`PyramidPlan`: the four largest levels one each, the rest together),
 so P-Net runs five times. Every function works on numpy (the readable path) and jax arrays (the jitted one).
 """

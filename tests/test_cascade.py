@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import buckets, cascade_steps, checkpoints, compiled, crops, pyramid
+from mtcnn_jax import buckets, cascade_steps, checkpoints, compiled, pyramid
 from mtcnn_jax.cascade_config import CascadeConfig
 
 PHOTOS = ["angelina_jolie.jpg", "ivan.jpg", "kate_siegel.jpg", "multiface.jpg", "no-faces.jpg", "paul_rudd.jpg",
@@ -194,26 +194,3 @@ def test_resample_taps_area_and_bilinear():
     # Past out_len nothing is sampled.
     _, w = pyramid.resample_taps(0.0, 4.0, 2.0, 3, 3)
     assert w[2].sum() == 0
-
-
-def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
-    """A fixed 1-based box crops exactly pixels x1-1..x2-1 (pad.m), zero where it leaves the image."""
-    image = np.random.default_rng(2).uniform(0, 255, (60, 50, 3)).astype(np.float32)
-    src = crops.crop_sources(image, np.array([60, 50]), 1)
-    assert src.atlas.shape[:2] == (100, 100)  # padded once to O-Net's window (48 * 2 + 4), not per read
-    inside = crops.crop_patches(src, np.array([[11.0, 21.0, 34.0, 44.0]]), 24)[0]  # 24 x 24 pixels
-    np.testing.assert_allclose(inside, image[20:44, 10:34], atol=1e-4)
-    corner = crops.crop_patches(src, np.array([[-11.0, -11.0, 12.0, 12.0]]), 24)[0]  # 12 px outside
-    np.testing.assert_allclose(corner[:12], 0.0)
-    np.testing.assert_allclose(corner[12:, 12:], image[:12, :12], atol=1e-4)
-    onet = crops.crop_patches(src, np.array([[1.0, 1.0, 48.0, 48.0]]), 48)[0]  # O-Net's 48 from the image
-    np.testing.assert_allclose(onet, image[:48, :48], atol=1e-3)
-
-
-def test_crop_of_a_box_twice_the_output_reads_the_exact_2x2_mip():
-    """A 48-pixel box cropped to 24 comes from mip 1: each crop pixel is the mean of its 2 x 2 image pixels."""
-    image = np.random.default_rng(3).uniform(0, 255, (90, 80, 3)).astype(np.float32)
-    src = crops.crop_sources(image, np.array([90, 80]), crops.crop_mips(90, 80))
-    crop = crops.crop_patches(src, np.array([[11.0, 21.0, 58.0, 68.0]]), 24)[0]
-    expected = image[20:68, 10:58].reshape(24, 2, 24, 2, 3).mean(axis=(1, 3))
-    np.testing.assert_allclose(crop, expected, atol=1e-3)
