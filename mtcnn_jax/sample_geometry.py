@@ -5,6 +5,13 @@ part 0.4-0.65, positive > 0.65 (0.3-0.4 unused). P-Net's crops are random negati
 face and jittered crops around it; R-/O-Net's are the earlier stages' detections; landmark samples are
 jittered crops around a landmark set's faces. A sample table (no pixels) holds label_N, crop_Nx4, box_Nx4,
 landmarks_Nx10 and flipped_N. Numpy only: the sample workers import this.
+
+One pixel convention for every label and target here: crops, faces and box targets are pixel spans, x1, y1
+to x2, y2, 0-based and end exclusive, so a span is x2 - x1 pixels wide (`sides`), its area has no +1
+(`span_areas`) and so has its IoU (`span_iou`). The 1-based inclusive boxes of the cascade and of WIDER's
+ground truth enter through `pixel_spans`; `boxes.iou_matrix` (+1 areas, detect_face.m's) stays the cascade's.
+Where crops are drawn around a face (`jitter_crops`, `near_face_negatives`, the `min_face` test), its numbers
+are used as given, as in the public pipeline: that decides which crops are tried, never a label or a target.
 """
 
 from __future__ import annotations
@@ -89,8 +96,25 @@ def pixel_spans(boxes_Nx4: np.ndarray) -> np.ndarray:
     return np.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], axis=1)
 
 
+def span_areas(spans_Nx4: np.ndarray) -> np.ndarray:
+    """Pixel counts of spans: (x2 - x1) * (y2 - y1), no +1 (an end-exclusive span x1..x2 is x2 - x1 wide)."""
+    s = np.asarray(spans_Nx4, np.float64).reshape(-1, 4)
+    return (s[:, 2] - s[:, 0]) * (s[:, 3] - s[:, 1])
+
+
+def span_iou(a_Nx4: np.ndarray, b_Mx4: np.ndarray) -> np.ndarray:
+    """IoU (N, M) of pixel spans, the one IoU of sample labels: shared pixels over the pixels of either, span
+    areas (no +1; `boxes.iou_matrix`'s +1 is for the cascade's 1-based boxes). 0 where both spans are empty."""
+    a, b = (np.asarray(v, np.float64).reshape(-1, 4) for v in (a_Nx4, b_Mx4))
+    w_NxM = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h_NxM = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter_NxM = w_NxM * h_NxM
+    union_NxM = span_areas(a)[:, None] + span_areas(b)[None, :] - inter_NxM
+    return np.divide(inter_NxM, union_NxM, out=np.zeros_like(inter_NxM), where=union_NxM > 0)
+
+
 def box_targets(crops_Nx4: np.ndarray, gt_Nx4: np.ndarray) -> np.ndarray:
-    """Box regression targets: offsets normalised by the crop size, ((gt_x1 - crop_x1) / side, ...)."""
+    """Box regression targets of spans: offsets normalised by the crop's side, ((gt_x1 - crop_x1) / side, ..)."""
     return ((gt_Nx4 - crops_Nx4) / sides(crops_Nx4)[:, None]).astype(np.float32)
 
 
@@ -131,8 +155,8 @@ def select(table: dict[str, np.ndarray], mask_N: np.ndarray) -> dict[str, np.nda
 
 
 def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """Label crops (pixel spans) by their best IoU with the faces (1-based boxes, `pixel_spans`); box targets
-    from that face.
+    """Label crops (pixel spans) by their best `span_iou` with the faces (1-based boxes, taken as their
+    `pixel_spans`); box targets from that face's span.
 
     With `cfg.square_faces` the IoU is taken with each face's square (bx.square), the box targets still
     with the face: a square crop's IoU with a face box is at most the box's aspect ratio, so without it a face
@@ -142,7 +166,7 @@ def label_crops(crops_Nx4: np.ndarray, gt_Gx4: np.ndarray, cfg: SampleConfig) ->
     if len(gt_Gx4) == 0:
         return specs(np.zeros(len(crops_Nx4)), crops_Nx4, np.zeros((len(crops_Nx4), 4)))
     faces_Gx4 = pixel_spans(gt_Gx4)
-    iou_NxG = bx.iou_matrix(crops_Nx4, bx.square(faces_Gx4) if cfg.square_faces else faces_Gx4)
+    iou_NxG = span_iou(crops_Nx4, bx.square(faces_Gx4) if cfg.square_faces else faces_Gx4)
     best_N = iou_NxG.argmax(axis=1)
     label_N = iou_labels(iou_NxG.max(axis=1), cfg)
     box_Nx4 = np.where((label_N != LABEL["negative"])[:, None], box_targets(crops_Nx4, faces_Gx4[best_N]), 0)
@@ -242,12 +266,14 @@ def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rn
 
 def landmark_specs(hw: tuple[int, int], box_4: np.ndarray, points_5x2: np.ndarray, rng: np.random.Generator,
                    cfg: SampleConfig):
-    """Landmark samples of one face: its own box and jittered crops, kept when IoU > 0.65 with the box
-    and all five points lie inside the crop."""
+    """Landmark samples of one face: its own box and jittered crops, kept when their `span_iou` with the box
+    (taken as a span: the landmark sets' boxes are cropped and targeted as given) is > iou_positive and all
+    five points lie inside the crop."""
     own = square_crops([np.floor(box_4[0])], [np.floor(box_4[1])], [np.ceil(max(box_4[2] - box_4[0], box_4[3] - box_4[1]))])
     crops_Nx4 = np.concatenate([own, jitter_crops(rng, box_4, cfg.landmark_jitters)])
     lmk_Nx10 = landmark_targets(crops_Nx4, np.broadcast_to(points_5x2, (len(crops_Nx4), 5, 2)))
-    keep = (inside(crops_Nx4, hw) & (sides(crops_Nx4) >= 12) & (bx.iou_matrix(crops_Nx4, box_4[None])[:, 0] > cfg.iou_positive)
+    keep = (inside(crops_Nx4, hw) & (sides(crops_Nx4) >= 12)
+            & (span_iou(crops_Nx4, box_4[None])[:, 0] > cfg.iou_positive)
             & (lmk_Nx10 >= 0).all(axis=1) & (lmk_Nx10 <= 1).all(axis=1))
     table = specs(np.full(len(crops_Nx4), LABEL["landmark"]), crops_Nx4,
                   box_targets(crops_Nx4, np.broadcast_to(box_4, (len(crops_Nx4), 4))), lmk_Nx10)

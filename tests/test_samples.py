@@ -51,6 +51,77 @@ def test_labels_follow_iou_thresholds():
                                   [0, geo.UNUSED, -1, -1, 1])
 
 
+def _pixel_mask(span_4, size: int = 40) -> np.ndarray:
+    """The pixels of an integer span x1, y1 .. x2, y2 (end exclusive) on a size x size grid offset by -size/2."""
+    x1, y1, x2, y2 = (int(v) + size // 2 for v in span_4)
+    mask = np.zeros((size, size), bool)
+    mask[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
+    return mask
+
+
+def test_span_iou_counts_pixels():
+    """span_iou against pixels counted on a grid: no +1 anywhere; disjoint, touching and empty spans give 0."""
+    rng = np.random.default_rng(0)
+    corners = [rng.integers(-15, 8, (n, 2)) for n in (40, 30)]
+    a_Nx4, b_Mx4 = (np.concatenate([xy, xy + rng.integers(0, 12, xy.shape)], axis=1) for xy in corners)  # some empty
+    counted = np.zeros((len(a_Nx4), len(b_Mx4)))
+    for i, a in enumerate(a_Nx4):
+        for j, b in enumerate(b_Mx4):
+            ma, mb = _pixel_mask(a), _pixel_mask(b)
+            counted[i, j] = (ma & mb).sum() / max((ma | mb).sum(), 1)
+    np.testing.assert_allclose(geo.span_iou(a_Nx4, b_Mx4), counted, rtol=1e-12)
+    np.testing.assert_array_equal(geo.span_areas(a_Nx4), [_pixel_mask(a).sum() for a in a_Nx4])
+    touching = geo.span_iou([[0, 0, 10, 10]], [[10, 0, 20, 10], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(touching, [[0, 0]])
+    assert geo.span_iou(np.zeros((0, 4)), [[0, 0, 1, 1]]).shape == (0, 1)
+
+
+# Crops (pixel spans) at the band edges, with their pixel counts (intersection, union) worked out by hand, the
+# label these give, and the label the old +1 IoU on the same spans gave. Faces are 1-based boxes: (1, 1, 20, 20)
+# is the span 0..20 x 0..20 (400 pixels), (1, 1, 16, 17) the span 0..16 x 0..17 (272 pixels).
+FACE_20, FACE_16x17 = (1, 1, 20, 20), (1, 1, 16, 17)
+BAND_EDGES = [  # face, crop span, intersection, union, label, the +1 IoU's label
+    (FACE_20, (-9, -9, 15, 15), 15 * 15, 400 + 24 * 24 - 225, "negative", "unused"),  # 0.2996 (+1: 0.316)
+    (FACE_20, (-10, -5, 12, 17), 12 * 17, 400 + 22 * 22 - 204, "unused", "unused"),  # 0.3 exactly
+    (FACE_20, (-8, -3, 11, 16), 11 * 16, 400 + 19 * 19 - 176, "unused", "unused"),  # 0.3009
+    (FACE_20, (-1, 0, 12, 13), 12 * 13, 400 + 13 * 13 - 156, "unused", "part"),  # 0.3777 (+1: 0.4 exactly)
+    (FACE_20, (-9, -1, 12, 20), 12 * 20, 400 + 21 * 21 - 240, "unused", "part"),  # 0.3993 (+1: 0.419)
+    (FACE_16x17, (-8, -4, 12, 16), 12 * 16, 272 + 20 * 20 - 192, "part", "part"),  # 0.4 exactly
+    (FACE_20, (-10, -8, 17, 19), 17 * 19, 400 + 27 * 27 - 323, "part", "part"),  # 0.4007
+    (FACE_20, (0, 0, 16, 16), 16 * 16, 400 + 16 * 16 - 256, "part", "positive"),  # 0.64 (+1: 0.655)
+    (FACE_16x17, (0, -3, 16, 13), 16 * 13, 272 + 16 * 16 - 208, "part", "positive"),  # 0.65 exactly (+1: 0.667)
+    (FACE_20, (-1, 0, 16, 17), 16 * 17, 400 + 17 * 17 - 272, "positive", "positive"),  # 0.6523
+]
+
+
+@pytest.mark.parametrize("face, crop, inter, union, label, plus_one_label", BAND_EDGES)
+def test_labels_at_the_band_edges_use_span_areas(face, crop, inter, union, label, plus_one_label):
+    """Crops just below, at and just above 0.3 / 0.4 / 0.65 get the label of their exact pixel IoU (an unused
+    one is not written); where the +1 areas of the cascade's IoU would move the crop into the next band, the
+    label is the span one."""
+    cfg, crop_1x4, face_1x4 = geo.SampleConfig(), np.array([crop], np.float64), np.array([face], np.float64)
+    iou = geo.span_iou(crop_1x4, geo.pixel_spans(face_1x4))[0, 0]
+    assert iou == inter / union
+    name = {v: k for k, v in LABEL.items()} | {geo.UNUSED: "unused"}
+    assert name[geo.iou_labels(np.array([iou]), cfg)[0]] == label
+    table = geo.label_crops(crop_1x4, face_1x4, cfg)
+    assert [name[v] for v in table["label"]] == ([] if label == "unused" else [label])
+    plus_one = bx.iou_matrix(crop_1x4, geo.pixel_spans(face_1x4))[0, 0]  # the old labels, for the record
+    assert name[geo.iou_labels(np.array([plus_one]), cfg)[0]] == plus_one_label
+
+
+def test_landmark_crops_are_kept_by_span_iou():
+    """A landmark face's own square crop is kept when its span IoU with the box is > 0.65: a 16x25 box in its
+    25x25 square is 400 / 625 = 0.64 (dropped; the +1 IoU said 0.654), a 17x25 box 0.68 (kept)."""
+    points_5x2 = np.array([[4, 6], [12, 6], [8, 12], [5, 18], [11, 18]], np.float64)
+    cfg = geo.SampleConfig(landmark_jitters=0, flip_prob=0.0)
+    for width, kept in ((16, 0), (17, 1)):
+        box_4 = np.array([0.0, 0.0, width, 25.0])
+        table = geo.landmark_specs((100, 100), box_4, points_5x2, np.random.default_rng(0), cfg)
+        assert len(table["label"]) == kept
+    np.testing.assert_allclose(geo.span_iou([[0, 0, 25, 25]], [[0, 0, 16, 25]]), [[0.64]])
+
+
 def test_square_faces_label_by_iou_with_the_squared_face():
     """A 10x20 face (1-based 16..25 x 11..30: pixels 15-24 x 10-29) and the 20x20 crop of pixels 10-29 square
     around it: IoU 0.5 (a part face), or 1 with its square (a positive); the box targets stay those of the
@@ -122,7 +193,7 @@ def test_pnet_labels_agree_with_recomputed_iou(pnet_set, shared_data):
         if r["label"] == LABEL["landmark"]:
             assert ((r["landmarks"] >= 0) & (r["landmarks"] <= 1)).all()
             continue
-        iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
+        iou = geo.span_iou(r["crop"][None], gt[r["source"]]).max()
         assert geo.iou_labels(np.array([iou]), cfg)[0] == r["label"], (i, iou, r["label"])
     counts = {t: labels.count(LABEL[t]) for t in SAMPLE_TYPES}
     assert counts == summary["kept"] and len(s) == summary["total"]
@@ -214,7 +285,7 @@ def test_rnet_hard_examples_label_by_iou(shared_data, tfds_dir, tmp_path):
     for i in range(len(s)):
         r = s[i]
         if r["label"] != LABEL["landmark"]:
-            iou = bx.iou_matrix(r["crop"][None].astype(np.float64), gt[r["source"]]).max()
+            iou = geo.span_iou(r["crop"][None], gt[r["source"]]).max()
             assert geo.iou_labels(np.array([iou]), geo.SampleConfig())[0] == r["label"]
 
 
@@ -227,10 +298,10 @@ def test_hard_face_jitters_add_labelled_crops_around_each_face():
     table = geo.hard_specs((400, 400), gt, dets, np.random.default_rng(0), cfg)
     assert len(table["label"]) > 1 and set(table["label"]) >= {LABEL["positive"], LABEL["part"]}
     spans = geo.pixel_spans(gt)
-    iou = bx.iou_matrix(table["crop"].astype(np.float64), spans).max(axis=1)
+    iou = geo.span_iou(table["crop"], spans).max(axis=1)
     np.testing.assert_array_equal(geo.iou_labels(iou, cfg), table["label"])
     assert (geo.sides(table["crop"]) >= 0.8 * 60 - 1).all()  # none around the 8-pixel face
-    best_gt = spans[np.argmax(bx.iou_matrix(table["crop"].astype(np.float64), spans), axis=1)]
+    best_gt = spans[np.argmax(geo.span_iou(table["crop"], spans), axis=1)]
     face = table["label"] != LABEL["negative"]  # negatives carry zero box targets
     np.testing.assert_allclose(table["box"][face], geo.box_targets(table["crop"], best_gt)[face], atol=1e-6)
 
