@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtcnn_jax.boxes import LANDMARK_INDEX_OFFSET
 from mtcnn_jax.buckets import bucket_shape, pad_to_bucket
 from mtcnn_jax.images import ImageSource, load_image
 
 BORDERS = ("zeros", "edge")  # outside the image: black, or the nearest edge pixel repeated
-CUSTOM = "custom"
-MIN_FACES = 8  # faces are padded to a power of two at least this, so a folder compiles few warps  # the template name an Aligned of a user template carries
+CUSTOM = "custom"  # the template name an Aligned of a user template carries
+MIN_FACES = 8  # faces are padded to a power of two at least this, so a folder compiles few warps
 
 
 @dataclass(frozen=True)
@@ -252,10 +253,12 @@ def _margin_crops(image: jax.Array, image_hw: jax.Array, boxes_Kx4: jax.Array, s
 
 def _faces(detections_or_landmarks: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(landmarks_Kx5x2 or None, boxes_Kx4 or None) of a Detections-like object (.landmarks, .boxes), a
-    landmarks array K x 5 x 2, or a boxes array K x 4 (K x 5 with scores)."""
+    landmarks array K x 5 x 2, or a boxes array K x 4 (K x 5 with scores). A Detections' landmarks are moved
+    from the detector's coordinates to pixel indices (`boxes.LANDMARK_INDEX_OFFSET`); arrays are pixel indices."""
     obj = detections_or_landmarks
     if hasattr(obj, "landmarks"):
-        landmarks, boxes = np.asarray(obj.landmarks, np.float32), getattr(obj, "boxes", None)
+        landmarks = np.asarray(obj.landmarks, np.float32) + np.float32(LANDMARK_INDEX_OFFSET)
+        boxes = getattr(obj, "boxes", None)
         boxes = None if boxes is None else np.asarray(boxes, np.float32)
     else:
         a = np.asarray(obj, np.float32)
@@ -314,8 +317,10 @@ def align(image: ImageSource, detections_or_landmarks: Any, template: Any = "arc
     """The aligned crops of one image's faces.
 
     image: a path, PIL image or uint8 H x W x 3 array. detections_or_landmarks: `detect.Detections` (or
-    anything with .landmarks K x 5 x 2 and .boxes K x 4), a landmarks array K x 5 x 2, or (the "facenet"
-    margin crop only) a boxes array K x 4. template: a TEMPLATES name or your own points (see
+    anything with .landmarks K x 5 x 2 and .boxes K x 4, in the detector's coordinates), a landmarks array
+    K x 5 x 2 in pixel indices (pixel centres at 0, 1, ...; for `det.landmarks` pass `det` itself, or add
+    `boxes.LANDMARK_INDEX_OFFSET`), or (the "facenet" margin crop only) a boxes array K x 4 (as the
+    detector's, which facenet-pytorch's boxes are too). template: a TEMPLATES name or your own points (see
     `template_points`, which also says what `size` does); "facenet" crops the box plus `margin` output
     pixels to size x size (default 160). border: "zeros" or "edge", what is sampled outside the image.
     """

@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from mtcnn_jax.stages import FLIP_POINTS
+
 Array = Any  # np.ndarray or jax.Array
+
+# Add to a landmark to get pixel-index coordinates (pixel centres at 0, 1, ...: numpy, OpenCV, skimage).
+LANDMARK_INDEX_OFFSET = -0.5
 
 
 def xp_of(*arrays: Array):
@@ -266,7 +271,9 @@ def pnet_windows(rows: Array, cols: Array, scale: float, stride: int = 2, cell: 
 def landmarks_from_relative(boxes_Nx4: Array, rel_Nx10: Array) -> Array:
     """O-Net landmarks (N, 5, 2) as (x, y) from box-relative outputs (x1..x5, y1..y5).
 
-    detect_face.m: x = w * p + x1 - 1 with w = x2 - x1 + 1, using the box BEFORE its O-Net regression.
+    detect_face.m: x = w * p + x1 - 1 with w = x2 - x1 + 1, using the box BEFORE its O-Net regression: p
+    runs over the box's pixel edges, x1 - 1 to x2, so a landmark at pixel index k (0-based) reads k + 0.5
+    (`LANDMARK_INDEX_OFFSET`).
     """
     xp = xp_of(boxes_Nx4, rel_Nx10)
     b, p = xp.asarray(boxes_Nx4), xp.asarray(rel_Nx10)
@@ -275,3 +282,15 @@ def landmarks_from_relative(boxes_Nx4: Array, rel_Nx10: Array) -> Array:
     xs = w * p[..., :5] + b[..., 0:1] - 1
     ys = h * p[..., 5:] + b[..., 1:2] - 1
     return xp.stack([xs, ys], axis=-1)
+
+
+def mirror_average(rel_Nx10: Array, rel_mirrored_Nx10: Array) -> Array:
+    """Box-relative landmarks (N, 10) averaged with the net's on the left-right mirrored crops: a mirrored
+    point's x is 1 - x (the relative frame spans the box's pixel edges, so the mirror is exact) and the
+    eyes and mouth corners swap (`stages.FLIP_POINTS`). Test-time mirroring of O-Net, from the original's
+    later release; it halves what is asymmetric in the net's landmark error."""
+    xp = xp_of(rel_Nx10, rel_mirrored_Nx10)
+    flip = list(FLIP_POINTS)
+    m = xp.asarray(rel_mirrored_Nx10)
+    mirrored = xp.concatenate([1 - m[..., :5][..., flip], m[..., 5:][..., flip]], axis=-1)
+    return (xp.asarray(rel_Nx10) + mirrored) / 2

@@ -26,6 +26,9 @@ from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_masks, mip_pyrami
 from mtcnn_jax.stages import INPUT_SIZE
 
 
+MIRROR_CHUNK = 4  # faces per mirrored O-Net call: most images hold a few faces
+
+
 def _pnet_candidates(prob_M, reg_Mx4, mask_M, windows_Mx4, level_M, capacities, config: CascadeConfig):
     """One image, all levels' cells at once: windows >= t1 compacted into the window capacity, NMS
     (Union 0.5) within each level, NMS (Union 0.7) over all, then regression without +1, squaring and fix."""
@@ -46,11 +49,11 @@ def _after_rnet(boxes_Px4, valid_P, prob_P, reg_Px4, config: CascadeConfig):
 
 
 def _after_onet(boxes_Rx4, valid_R, prob_R, reg_Rx4, rel_Rx10, config: CascadeConfig):
-    """One image: score > t3, landmarks from the pre-regression box, regression with +1, Min-NMS 0.7."""
-    points = bx.landmarks_from_relative(boxes_Rx4, rel_Rx10)
+    """One image: score > t3, regression with +1, Min-NMS 0.7; the faces' boxes, scores, pre-regression
+    boxes and box-relative landmarks (landmarks come from the box before its regression)."""
     b = bx.regress(boxes_Rx4, reg_Rx4, plus_one=True)
     keep = bx.nms_fixed(b, prob_R, valid_R & (prob_R > config.thresholds[2]), config.nms_onet, mode="min")
-    return bx.compact(keep, prob_R, config.max_faces, b, prob_R, points)
+    return bx.compact(keep, prob_R, config.max_faces, b, prob_R, boxes_Rx4, rel_Rx10)
 
 
 def _run_in_chunks(fn: Callable, boxes_BxNx4, valid_BxN, chunk: int, spec: dict) -> dict:
@@ -77,12 +80,13 @@ def _stage_spec(stage: str) -> dict:
     return {**{k: (v.shape[1:], v.dtype) for k, v in out.items()}, "prob": ((), jnp.float32)}
 
 
-def _stage_net(stage: str, params: dict, srcs: CropSources) -> Callable:
-    """(B, C, 4) boxes -> dict of (B, C, ...) outputs of the stage's net on their crops, plus the face
-    probability."""
+def _stage_net(stage: str, params: dict, srcs: CropSources, mirrored: bool = False) -> Callable:
+    """(B, C, 4) boxes -> dict of (B, C, ...) outputs of the stage's net on their crops (mirrored left-right
+    if asked), plus the face probability."""
 
     def fn(boxes_BxCx4):
         crops = jax.vmap(lambda s, bb: crop_patches(s, bb, INPUT_SIZE[stage]))(srcs, boxes_BxCx4)
+        crops = crops[:, :, :, ::-1] if mirrored else crops
         bsz, c = crops.shape[:2]
         o = nets.NETS[stage](params[stage], nets.normalize(crops.reshape((bsz * c,) + crops.shape[2:])))
         o = {k: v.reshape((bsz, c) + v.shape[1:]) for k, v in o.items()}
@@ -133,6 +137,11 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     if upto == "rnet":
         return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
     o = _run_in_chunks(_stage_net("onet", params, srcs), b2, v2, config.net_chunk, _stage_spec("onet"))
-    b3, s3, pts, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
+    b3, s3, seen3, rel3, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
         b2, v2, o["prob"], o["box"], o["landmarks"])
+    if config.mirror_landmarks:  # O-Net again on the faces' crops mirrored, in chunks of few: faces are few
+        m = _run_in_chunks(_stage_net("onet", params, srcs, mirrored=True), seen3, v3, MIRROR_CHUNK,
+                           _stage_spec("onet"))
+        rel3 = bx.mirror_average(rel3, m["landmarks"])
+    pts = bx.landmarks_from_relative(seen3, rel3)
     return {"boxes": b3, "scores": s3, "landmarks": pts, "valid": v3, "overflow": overflow}

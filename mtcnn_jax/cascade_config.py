@@ -33,6 +33,9 @@ class CascadeConfig:
     max_faces: int = 512  # final detections per image (WIDER FACE crowds hold hundreds)
     net_chunk: int = 16  # R-Net/O-Net run over chunks of this many slots, only while chunks hold candidates
     bucket_multiple: int = 0  # 0: bucket sides from the ladder (`buckets.bucket_side`); N: sides rounded up to N
+    # Landmarks averaged with O-Net's on the mirrored crops (the original's later release; boxes and scores
+    # are detect_face.m's either way). False: detect_face.m's landmarks exactly.
+    mirror_landmarks: bool = True
 
     def __post_init__(self):
         """Refuse settings the cascade cannot run with, naming the field (the detect CLI names its flag)."""
@@ -55,6 +58,8 @@ class CascadeConfig:
                 raise ValueError(f"{name} must be a multiple of net_chunk={self.net_chunk}, got {getattr(self, name)}")
         if not (isinstance(self.bucket_multiple, numbers.Integral) and self.bucket_multiple >= 0):
             raise ValueError(f"bucket_multiple must be >= 0 (0: the bucket ladder), got {self.bucket_multiple}")
+        if not isinstance(self.mirror_landmarks, bool):
+            raise ValueError(f"mirror_landmarks must be True or False, got {self.mirror_landmarks!r}")
 
 
 def _finite(value) -> bool:

@@ -76,11 +76,14 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     out = _run_net("onet", params["onet"], crop_patches(src, b2, INPUT_SIZE["onet"]))
     prob, reg, rel = _probability(out["logits"]), np.asarray(out["box"]), np.asarray(out["landmarks"])
     passed = np.nonzero(prob > config.thresholds[2])[0]
-    points = bx.landmarks_from_relative(b2[passed], rel[passed])
     b3 = bx.regress(b2[passed], reg[passed], plus_one=True)
     keep = bx.nms(b3, prob[passed], config.nms_onet, mode="min")
     steps["onet"] = {"boxes": b3[keep], "scores": prob[passed][keep]}
-    steps["landmarks"] = points[keep]
+    seen, rel = b2[passed][keep], rel[passed][keep]  # the faces' O-Net boxes (before regression) and outputs
+    if config.mirror_landmarks and len(seen):  # O-Net again on the faces' crops mirrored; landmarks averaged
+        mirrored = crop_patches(src, seen, INPUT_SIZE["onet"])[:, :, ::-1]
+        rel = bx.mirror_average(rel, _run_net("onet", params["onet"], mirrored)["landmarks"])
+    steps["landmarks"] = bx.landmarks_from_relative(seen, rel)
     return steps
 
 

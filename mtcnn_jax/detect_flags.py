@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
                         "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
                         "padded size); detections do not change")
+    p.add_argument("--no-mirror-landmarks", dest="mirror_landmarks", action="store_false",
+                   help="detect_face.m's landmarks exactly: no averaging with O-Net on the mirrored crops "
+                        "(boxes and scores are the same either way)")
     compile_cache.add_flag(p)
     for field_name in CAPACITY_FIELDS.values():  # a capacity that overflows names its flag in the warning
         default = getattr(defaults, field_name)
@@ -111,7 +114,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     flags = {f: getattr(args, f) for f in (*CAPACITY_FIELDS.values(), "min_face_size", "scale_factor",
-                                           "bucket_multiple")}
+                                           "bucket_multiple", "mirror_landmarks")}
     try:
         return CascadeConfig(thresholds=tuple(args.thresholds), **flags)
     except ValueError as err:

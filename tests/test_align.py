@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mtcnn_jax import align
+from mtcnn_jax.boxes import LANDMARK_INDEX_OFFSET
 from mtcnn_jax.detect import detect
 from mtcnn_jax.images import load_image
 from mtcnn_jax.landmark_eval import read_landmark_list
@@ -135,8 +136,9 @@ def test_reference_photos_put_the_eyes_on_the_template(reference_faces):
         assert len(faces) >= 1, path
         result = align.align(path, faces)
         assert result.crops.shape == (len(faces), 112, 112, 3)
-        np.testing.assert_allclose(result.matrices, skimage_matrices(faces.landmarks, ARCFACE), atol=1e-4, rtol=1e-4)
-        eyes = align.transform_points(result.matrices, faces.landmarks)[:, :2]
+        points = faces.landmarks + LANDMARK_INDEX_OFFSET  # the detector's coordinates to pixel indices
+        np.testing.assert_allclose(result.matrices, skimage_matrices(points, ARCFACE), atol=1e-4, rtol=1e-4)
+        eyes = align.transform_points(result.matrices, points)[:, :2]
         # A 5-point least-squares similarity (insightface's norm_crop is the same fit) spreads the residual
         # over the five points; on these faces each eye lands 0.7-2.6 px from the template's.
         errors = np.linalg.norm(eyes - ARCFACE[:2], axis=-1)

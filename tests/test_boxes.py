@@ -253,6 +253,18 @@ def test_landmarks_from_relative():
     np.testing.assert_allclose(lm[0, :, 1], [20, 40, 60, 30, 50])
 
 
+def test_mirror_average_hand_computed():
+    """The left eye at x 0.2, seen on the mirrored crop as its right eye at 0.7 (0.3 unmirrored): 0.25; and
+    an output the mirrored crop agrees with exactly is kept as it is."""
+    rel = np.array([[0.2, 0.8, 0.5, 0.3, 0.7, 0.3, 0.3, 0.5, 0.7, 0.7]])
+    seen = np.array([[0.2 + 0.1, 0.7, 0.5 - 0.1, 0.3, 0.7, 0.32, 0.28, 0.5, 0.7, 0.7]])  # mirrored crop's
+    got = B.mirror_average(rel, seen)
+    np.testing.assert_allclose(got, [[0.25, 0.75, 0.55, 0.3, 0.7, 0.29, 0.31, 0.5, 0.7, 0.7]], atol=1e-12)
+    consistent = np.concatenate([1 - rel[:, [1, 0, 2, 4, 3]], rel[:, 5:][:, [1, 0, 2, 4, 3]]], axis=1)
+    np.testing.assert_allclose(B.mirror_average(rel, consistent), rel, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.jit(B.mirror_average)(rel, seen)), got, atol=1e-6)
+
+
 # ---- numpy and jax agree ------------------------------------------------------------------------
 
 

@@ -103,6 +103,21 @@ def test_matches_facenet_pytorch_on_photos(photo_results, shared_data):
     assert checked == 11  # 1 + 1 + 1 + 6 + 1 + 1 faces at score >= 0.9 on the seven photos
 
 
+def test_mirrored_landmarks_keep_boxes_and_scores(params, photos, photo_results):
+    """mirror_landmarks (the default) changes the landmarks only, and only a little: O-Net's boxes and
+    scores are the same with it off (detect_face.m's landmarks exactly)."""
+    fixed, _ = photo_results
+    name = "multiface.jpg"
+    plain = run_fixed(params, [photos[name]], (2048, 2048), CascadeConfig(mirror_landmarks=False))
+    v = fixed[name]["valid"][0]
+    np.testing.assert_array_equal(plain["valid"][0], v)
+    np.testing.assert_array_equal(plain["boxes"][0][v], fixed[name]["boxes"][0][v])
+    np.testing.assert_array_equal(plain["scores"][0][v], fixed[name]["scores"][0][v])
+    moved = np.linalg.norm(plain["landmarks"][0][v] - fixed[name]["landmarks"][0][v], axis=-1)
+    sides = (fixed[name]["boxes"][0][v][:, 2] - fixed[name]["boxes"][0][v][:, 0])[:, None]
+    assert 0 < moved.max() and (moved <= 0.05 * sides).all()
+
+
 def test_committed_trained_cascade_loads_and_finds_the_clear_faces(params, photos, shared_data, photo_results,
                                                                   compiles):
     """checkpoints/wider_subset (README: "The cascade trained here") has the original's param trees, runs in the

@@ -308,7 +308,7 @@ def test_api_keywords_checked_before_any_work(keywords, message):
 
 @pytest.mark.parametrize("field, value", [("max_faces", -1), ("rnet_capacity", 0), ("pnet_capacity", 0),
                                           ("window_capacity", 0), ("net_chunk", 0), ("bucket_multiple", -1),
-                                          ("nms_rnet", 0.0), ("max_faces", 1.5)])
+                                          ("nms_rnet", 0.0), ("max_faces", 1.5), ("mirror_landmarks", "yes")])
 def test_config_fields_checked(field, value):
     with pytest.raises(ValueError, match=field):
         CascadeConfig(**{field: value})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtcnn_jax import compiled, detect, images
+from mtcnn_jax import compiled, detect, detect_flags, images
 from mtcnn_jax.align import align
 from mtcnn_jax.detections_json import load_detections
 from test_detect import FAKE_PARAMS, fake_bucket, png_header, rgb
@@ -235,6 +235,14 @@ def test_no_images_and_help(tmp_path, capsys):
                     "default: the original weights", "default: from the bucket's area", "default: 1 on CPU"):
         assert default in help_text, default
     assert '{"error": message}' in help_text
+    assert "--no-mirror-landmarks" in help_text
+
+
+def test_mirror_flag_reaches_the_config():
+    parser = detect_flags.build_parser()
+    assert detect_flags.config_from_args(parser, parser.parse_args(["x.jpg"])).mirror_landmarks is True
+    args = parser.parse_args(["x.jpg", "--no-mirror-landmarks"])
+    assert detect_flags.config_from_args(parser, args).mirror_landmarks is False
 
 
 def test_subprocess_bad_flag_no_traceback(tmp_path):
