@@ -3,11 +3,16 @@ cascade the detector reads from trained stages and the original weights.
 
 A cascade checkpoint is an Orbax StandardCheckpointer directory holding the tree
 {"pnet": ..., "rnet": ..., "onet": ...} of plain arrays, the same trees `nets.init_params` and
-`pretrained.load_pretrained` give. Restored leaves are numpy arrays: no training objects needed.
+`pretrained.load_pretrained` give. Restored leaves are numpy arrays: no training objects needed. Its custom
+metadata holds the checksums of its arrays and the provenance of each stage (`load_cascade(...,
+with_provenance=True)`); one written before those were recorded loads unverified.
 
 A training WORKDIR (`mtcnn_jax.train`) holds config.json (the run's TrainConfig), metrics.jsonl (one JSON
 object per logged step; "split": "train" or "val") and checkpoints/ (an Orbax CheckpointManager directory of
-steps, each holding {"params", "opt_state", "step", "rng"}; the latest is resumed).
+steps, each holding {"params", "opt_state", "step", "rng"}, the checksums of its arrays and its provenance:
+the run config, the samples' summary, the package version). The latest intact step is resumed; a damaged
+one is moved to damaged_checkpoints/ with a warning. Every read verifies the checksums (where recorded) and
+refuses non-finite parameters (`checkpoint_integrity`).
 
     python -m mtcnn_jax.checkpoints --out DIR [--pnet RUN ...] [--rnet RUN ...] [--onet RUN ...] [--source WHEEL]
 """
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mtcnn_jax import cli
+from mtcnn_jax import __version__, cli
+from mtcnn_jax.checkpoint_integrity import (ITEM, UNUSABLE, CheckpointWarning, array_checksums, check_finite,
+                                            newest_intact_hint, read_step, restore_newest, restore_verified,
+                                            saved_steps)
 from mtcnn_jax.nets import param_count
 from mtcnn_jax.pretrained import WHEEL_NAME, load_pretrained
 from mtcnn_jax.stages import STAGES
@@ -33,70 +43,79 @@ from mtcnn_jax.stages import STAGES
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"  # where a resume moves the steps it cannot trust (kept, never deleted)
 METADATA_FILE = "_METADATA"  # what Orbax writes in every checkpoint (a cascade's or a step's "default" item)
 PROG = "python -m mtcnn_jax.checkpoints"
 
 # ------------------------------------------------------------------------------------ cascade checkpoints
 
 
-def save_cascade(directory: str | Path, params: dict[str, Any], *, force: bool = False) -> Path:
-    """Write the three stages' params as one Orbax checkpoint in `directory` (must not exist unless force)."""
+def save_cascade(directory: str | Path, params: dict[str, Any], *, force: bool = False,
+                 provenance: dict[str, Any] | None = None) -> Path:
+    """Write the three stages' params as one Orbax checkpoint in `directory` (must not exist unless force),
+    with their checksums and `provenance` (as `cascade_params` gives it) in its metadata. Non-finite params
+    are refused (NonFiniteParamsError)."""
     missing = [s for s in STAGES if s not in params]
     if missing:
         raise ValueError(f"save_cascade needs params for {STAGES}; missing {missing}")
     path = Path(directory).resolve()
     tree = {s: jax.tree_util.tree_map(np.asarray, params[s]) for s in STAGES}
+    for stage in STAGES:
+        check_finite(tree[stage], f"{stage} params")
+    metadata = {"checksums": array_checksums(tree), "provenance": provenance or {}}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree, force=force)
+        ckptr.save(path, tree, force=force, custom_metadata=metadata)
         ckptr.wait_until_finished()
     return path
 
 
-def load_cascade(directory: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_cascade` (or `python -m mtcnn_jax.checkpoints --out`)."""
+def load_cascade(directory: str | Path, *, with_provenance: bool = False) -> Any:
+    """Read a checkpoint written by `save_cascade` (or `python -m mtcnn_jax.checkpoints --out`): its checksums
+    verified (if it records them) and its params finite, else DamagedCheckpointError / NonFiniteParamsError.
+    With `with_provenance`, (params, provenance) ({} for a cascade that records none)."""
     path = Path(directory).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     if not (path / METADATA_FILE).is_file():
         raise ValueError(f"{path} is not a cascade checkpoint (no Orbax {METADATA_FILE}; write one with {PROG} --out)")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path)
+    tree, custom = restore_verified(path, path)
     missing = [s for s in STAGES if s not in tree]
     if missing:
         raise ValueError(f"{path} is not a cascade checkpoint: it has {sorted(tree)}, missing {missing}")
-    return {s: jax.tree_util.tree_map(np.asarray, tree[s]) for s in STAGES}
+    params = {s: _numpy(tree[s]) for s in STAGES}
+    return (params, custom.get("provenance") or {}) if with_provenance else params
 
 
 def _numpy(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _latest_step_dir(checkpoints: Path) -> Path | None:
-    """The newest step folder of a CheckpointManager directory, or None if it holds no steps."""
-    with ocp.CheckpointManager(checkpoints.resolve(), options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        step = manager.latest_step()
-    return None if step is None else checkpoints / str(step)
-
-
-def _restore_standard(path: Path) -> dict[str, Any]:
-    """An Orbax StandardCheckpointer tree (a step's "default" item or a cascade checkpoint), as saved."""
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path.resolve())
-
-
 def run_stage(path: Path) -> str | None:
     """The stage of the training run in `path` (its config.json), None if it is not a run's folder."""
-    config = path / CONFIG_FILE
+    fields = read_config(path)
+    if fields is None:
+        return None
+    stage = fields.get("stage")
+    if stage not in STAGES:
+        raise ValueError(f"{path / CONFIG_FILE} is not a training run's config (stage {stage!r})")
+    return stage
+
+
+def read_config(workdir: str | Path) -> dict[str, Any] | None:
+    """WORKDIR/config.json's fields, None if there is none; ValueError naming the file if it is damaged."""
+    config = Path(workdir) / CONFIG_FILE
     if not config.is_file():
         return None
+    text = config.read_text()
     try:
-        fields = json.loads(config.read_text())
+        fields = json.loads(text)
     except ValueError as err:
-        raise ValueError(f"{config} is not a training run's config ({err})") from None
-    stage = fields.get("stage") if isinstance(fields, dict) else None
-    if stage not in STAGES:
-        raise ValueError(f"{config} is not a training run's config (stage {stage!r})")
-    return stage
+        what = "empty" if not text.strip() else f"not valid JSON ({err})"
+        raise ValueError(f"{config} is damaged: {what}. Its checkpoints cannot be resumed without it: restore "
+                         f"the file (each checkpoint's metadata records the run config) or use a new workdir") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config} is not a training run's config (a JSON {type(fields).__name__})")
+    return fields
 
 
 def check_params_source(path: str | Path, stage: str, flag: str) -> Path:
@@ -109,15 +128,15 @@ def check_params_source(path: str | Path, stage: str, flag: str) -> Path:
     if trained is not None and trained != stage:
         raise ValueError(f"{path} is a {trained} training run, not {stage}")
     steps = any(p.name.isdigit() for p in path.iterdir())
-    if trained is None and not steps and not any((path / d / METADATA_FILE).is_file() for d in (".", "default")):
+    if trained is None and not steps and not any((path / d / METADATA_FILE).is_file() for d in (".", ITEM)):
         raise ValueError(f"{flag} {path}: not a training run, a checkpoints folder or an Orbax checkpoint")
     return path
 
 
-def load_params(path: str | Path, stage: str | None = None) -> Any:
-    """One stage's params as plain numpy dicts, from a training WORKDIR (its latest step; the stage comes
-    from its config.json), its checkpoints/ folder, one step folder, or a cascade checkpoint (needs `stage`).
-    """
+def load_stage(path: str | Path, stage: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """`load_params`' params and where they came from: {"checkpoint": the step or cascade folder, "step"
+    (a training step's), and the provenance it records (a step's: "config", "samples", "version"; a cascade's:
+    that stage's)}."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint or training directory at {path}")
@@ -128,21 +147,35 @@ def load_params(path: str | Path, stage: str | None = None) -> Any:
         if stage is not None and stage != trained:
             raise ValueError(f"{path} is a {trained} training run, not {stage}")
         path = path / CHECKPOINT_DIR
-    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
-        latest = _latest_step_dir(path)
-        if latest is None:
+    steps = saved_steps(path) if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()) else None
+    if steps is not None:
+        if not steps:
             raise FileNotFoundError(f"{path} holds no finished checkpoint")
-        path = latest
-    if (path / "default").is_dir():
-        path = path / "default"
-    tree = _restore_standard(path)
+        try:
+            tree, custom = read_step(path / str(steps[-1]))
+        except UNUSABLE as err:
+            raise type(err)(f"{err}{newest_intact_hint(path, steps[-1])}") from None
+        path = path / str(steps[-1])
+    else:
+        tree, custom = read_step(path)
+    recorded = custom.get("provenance") or {}
+    source = {"checkpoint": str(path.resolve())}
     if "params" in tree:
-        return _numpy(tree["params"])
+        return _numpy(tree["params"]), {**source, "step": int(np.asarray(tree["step"])), **recorded}
     if stage is None:
         raise ValueError(f"{path} is a cascade checkpoint ({sorted(tree)}): pass stage= to pick one")
     if stage not in tree:
         raise ValueError(f"{path} has no {stage} params (it has {sorted(tree)})")
-    return _numpy(tree[stage])
+    return _numpy(tree[stage]), {**source, **recorded.get("stages", {}).get(stage, {})}
+
+
+def load_params(path: str | Path, stage: str | None = None) -> Any:
+    """One stage's params as plain numpy dicts, from a training WORKDIR (its latest step; the stage comes
+    from its config.json), its checkpoints/ folder, one step folder, or a cascade checkpoint (needs `stage`).
+    Checksums are verified where recorded and the params must be finite: a damaged or non-finite latest step
+    is refused (DamagedCheckpointError / NonFiniteParamsError, naming the newest intact step), never replaced.
+    """
+    return load_stage(path, stage)[0]
 
 
 def _shapes(tree: Any) -> Any:
@@ -163,25 +196,41 @@ def average_params(trees: Sequence[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
 
 
-def cascade_params(stages: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
-    """The three stages' params from trained stages ({stage: training WORKDIR or checkpoint, or a list of them,
-    whose params are averaged}) and the original released weights (read from `source`, see
-    `pretrained.load_pretrained`) for the stages not given."""
+def cascade_with_provenance(stages: dict[str, Any],
+                            source: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`cascade_params`' params, and their provenance: {"version", "stages": {stage: {"sources": [...],
+    "averaged"}}}, each source a `load_stage` record or {"original": the released weights' wheel}."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {STAGES}")
     params = load_pretrained(source) if len(stages) < len(STAGES) else {}
+    provenance = {s: {"sources": [{"original": WHEEL_NAME}], "averaged": False} for s in STAGES if s not in stages}
     for stage, paths in stages.items():
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        params[stage] = average_params([load_params(path, stage) for path in paths])
-    return params
+        loaded = []
+        for path in paths:
+            try:
+                loaded.append(load_stage(path, stage))
+            except UNUSABLE as err:
+                raise type(err)(f"{stage} from {path}: {err}") from None
+        params[stage] = average_params([p for p, _ in loaded])
+        provenance[stage] = {"sources": [where for _, where in loaded], "averaged": len(loaded) > 1}
+    return params, {"version": __version__, "stages": {s: provenance[s] for s in STAGES}}
+
+
+def cascade_params(stages: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
+    """The three stages' params from trained stages ({stage: training WORKDIR or checkpoint, or a list of them,
+    whose params are averaged}) and the original released weights (read from `source`, see
+    `pretrained.load_pretrained`) for the stages not given."""
+    return cascade_with_provenance(stages, source)[0]
 
 
 def assemble_cascade(out: str | Path, stages: dict[str, Any], *, force: bool = False,
                      source: str | Path | None = None) -> Path:
-    """A cascade checkpoint at `out` of `cascade_params(stages, source)`: what mining the next stage and
-    `detect` read."""
-    return save_cascade(out, cascade_params(stages, source), force=force)
+    """A cascade checkpoint at `out` of `cascade_params(stages, source)`, with its provenance: what mining
+    the next stage and `detect` read."""
+    params, provenance = cascade_with_provenance(stages, source)
+    return save_cascade(out, params, force=force, provenance=provenance)
 
 
 def initial_params(init_from: str, stage: str, fresh: Any) -> Any:
@@ -201,13 +250,12 @@ def check_workdir(workdir: str | Path, stage: str, optimizer: str, init_from: st
     """`workdir` as a Path if a run of `stage` with `optimizer` can start or resume there (a new folder, or one
     holding such a run) and `init_from` names a folder or "original"; else ValueError / FileNotFoundError."""
     workdir = Path(workdir)
-    config_path = workdir / CONFIG_FILE
     checkpoints = workdir / CHECKPOINT_DIR
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is a file, not a run's folder")
-    if config_path.exists():
+    previous = read_config(workdir)  # a damaged config.json: refused, naming it
+    if previous is not None:
         run_stage(workdir)  # a config.json that is no run's: refused
-        previous = json.loads(config_path.read_text())
         if previous.get("stage") != stage:
             raise ValueError(f"{workdir} holds a {previous.get('stage')} run ({CONFIG_FILE}); refusing to train "
                              f"{stage} there")
@@ -223,9 +271,12 @@ def check_workdir(workdir: str | Path, stage: str, optimizer: str, init_from: st
 
 
 def write_config(workdir: Path, config: dict[str, Any]) -> None:
-    """Save the run config as WORKDIR/config.json (rewritten on resume, e.g. with more steps)."""
+    """Save the run config as WORKDIR/config.json (rewritten on resume, e.g. with more steps), atomically:
+    a crash leaves the old file or the new one, never a torn one."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    partial = workdir / f".{CONFIG_FILE}.partial"
+    partial.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(partial, workdir / CONFIG_FILE)
 
 
 def checkpoint_manager(workdir: Path, max_to_keep: int) -> ocp.CheckpointManager:
@@ -240,18 +291,24 @@ def state_tree(step: Any, params: Any, opt_state: Any, seed: int) -> dict[str, A
     return {"params": params, "opt_state": opt_state, "step": step, "rng": rng}
 
 
-def save_state(manager: ocp.CheckpointManager, tree: dict[str, Any]) -> None:
-    """Save a `state_tree` as the checkpoint of its step (written in the background; the manager waits on close)."""
-    manager.save(int(tree["step"]), args=ocp.args.StandardSave(tree))
+def save_state(manager: ocp.CheckpointManager, tree: dict[str, Any], provenance: dict[str, Any] | None = None) -> int:
+    """Save a `state_tree` as the checkpoint of its step (written in the background; the manager waits on
+    close), with its checksums and `provenance`; return the step. A tree with a non-finite value is never
+    written (NonFiniteParamsError)."""
+    host = jax.device_get(tree)
+    step = int(host["step"])
+    check_finite(host, f"the state at step {step}")
+    metadata = {"checksums": array_checksums(host), "provenance": {**(provenance or {}), "step": step}}
+    manager.save(step, args=ocp.args.StandardSave(host), custom_metadata=metadata)
+    return step
 
 
-def restore_state(manager: ocp.CheckpointManager, like: dict[str, Any]) -> dict[str, Any] | None:
-    """The latest checkpoint's `state_tree`, restored into the structure and dtypes of `like`; None if none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+def restore_state(workdir: Path, like: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest intact checkpoint's `state_tree` in WORKDIR/checkpoints, restored into the structure and
+    dtypes of `like`; None if there is none. A damaged or non-finite step is moved to WORKDIR/damaged_checkpoints/
+    with a one-line CheckpointWarning, and the step before it is tried."""
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    return restore_newest(Path(workdir) / CHECKPOINT_DIR, Path(workdir) / DAMAGED_DIR, target)
 
 
 def write_metrics(workdir: Path, record: dict[str, Any]) -> None:
@@ -261,14 +318,35 @@ def write_metrics(workdir: Path, record: dict[str, Any]) -> None:
 
 
 def trim_metrics(workdir: Path, step: int) -> None:
-    """Drop the records logged after `step`: a run killed between checkpoints redoes those steps on resume."""
+    """Drop the records logged after `step` (a run killed between checkpoints redoes those steps on resume),
+    and a torn last line (a crash while it was written) with a CheckpointWarning; a damaged line before the
+    last is refused (ValueError naming the file and line)."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text().splitlines()
+    kept, torn = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as err:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is damaged ({type(err).__name__}: {err}): fix or remove "
+                                 f"that line to resume") from None
+            torn = line
+            continue
+        if record_step <= step:
+            kept.append(line)
+    if torn is not None:
+        shown = torn if len(torn) <= 40 else torn[:37] + "..."
+        warnings.warn(f"{path}: dropped its torn last line ({len(torn)} characters: {shown})", CheckpointWarning,
+                      stacklevel=2)
+    if len(kept) < len(lines) or torn is not None:
+        partial = path.with_name(f".{METRICS_FILE}.partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, path)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -291,7 +369,9 @@ def check_cli_paths(args: argparse.Namespace) -> dict[str, list[str]]:
 
 @cli.entry(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """CLI: a cascade checkpoint from training runs and the original weights (all of them when no stage is given)."""
+    """CLI: a cascade checkpoint from training runs and the original weights (all of them when no stage is
+    given), with each stage's provenance. A stage whose checkpoint is damaged (checksums) or not finite is
+    refused in one `error:` line, before anything is written."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Write a cascade checkpoint (the format detect --weights and samples --weights read) from "
@@ -306,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     args = p.parse_args(argv)
     stages = check_cli_paths(args)
-    params = cascade_params(stages, args.source)
-    path = save_cascade(args.out, params, force=args.force)
+    params, provenance = cascade_with_provenance(stages, args.source)
+    path = save_cascade(args.out, params, force=args.force, provenance=provenance)
     sources = {s: " + ".join(map(str, v)) + (" (mean)" if len(v) > 1 else "") for s, v in stages.items()}
     counts = ", ".join(f"{s} {param_count(params[s]):,}" for s in STAGES)
     print(f"wrote {path}: " + ", ".join(f"{s} from {sources.get(s, 'the original weights')}" for s in STAGES)

@@ -9,48 +9,118 @@ set once at start-up instead, for sets that fit. The data order, the flips and t
 a pure function of (seed, s), so a run resumed from a checkpoint ends exactly where an uninterrupted one does,
 and streaming and in-memory runs give the same params.
 
-WORKDIR holds config.json, metrics.jsonl and checkpoints/ (the layout is `checkpoints`'; the latest step is
-resumed automatically, and a resumed run drops the metrics of the steps it redoes).
+WORKDIR holds config.json, metrics.jsonl and checkpoints/ (the layout is `checkpoints`'). Run again, the
+latest intact step is resumed ("resumed from step N"; a damaged step is set aside with a warning, a torn
+last metrics line dropped) and the metrics of the steps it redoes are dropped; a changed config field
+(other than `train_config.RESUME_FREE_FIELDS`) is refused unless `--allow-config-change`. No checkpoint
+holds a NaN or an inf: each step checks the updated state (and `--max-param-norm`) before it can be saved,
+and a run that diverges stops naming the last step saved. Ctrl-C saves the current step and exits 130.
+Each checkpoint records its run config, the samples' summary and the package version (its provenance).
 `checkpoints.load_params(WORKDIR)` reads the trained params back.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import math
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
+import numpy as np
 from tqdm import tqdm
 
-from mtcnn_jax import checkpoints, cli, input_pipeline
+from mtcnn_jax import __version__, checkpoints, cli, input_pipeline
+from mtcnn_jax.checkpoint_integrity import CheckpointWarning, saved_steps
 from mtcnn_jax.datasets import load_samples
-from mtcnn_jax.train_config import CONFIGS, TrainConfig, check_config
-from mtcnn_jax.train_step import TrainState, compiled_step, evaluate, init_state, make_optimizer, shard
+from mtcnn_jax.stages import LABEL
+from mtcnn_jax.train_config import CONFIGS, RESUME_FREE_FIELDS, TrainConfig, check_config, config_changes
+from mtcnn_jax.train_step import (STATE_FINITE, TrainState, compiled_step, evaluate, init_state, make_optimizer,
+                                  shard)
+
+SAMPLES_SUMMARY = "summary.json"  # what `samples.make_samples` writes beside a sample set
+_SUMMARY_KEYS = ("stage", "size", "seed", "ratio", "square_faces", "images", "landmark_faces", "kept", "total",
+                 "unreadable")  # the counts each checkpoint records from it (not its lists of skipped files)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN/inf; the run stops and the last good checkpoint is left in place."""
+    """The loss, the gradient or the updated state became NaN/inf (or the params' norm passed
+    `max_param_norm`): the run stops before that state can be saved. `last_good_step` is the newest
+    checkpoint on disk (all finite), None if none was saved."""
+
+    def __init__(self, message: str, last_good_step: int | None = None) -> None:
+        super().__init__(message)
+        self.last_good_step = last_good_step
 
 
-def restore_or_init(manager: ocp.CheckpointManager, config: TrainConfig) -> TrainState:
-    """The latest checkpoint's state if there is one, else a fresh state (from `config.init_from` if set)."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the last checked state is saved: `saved_step` is on disk."""
+
+    def __init__(self, message: str, saved_step: int | None) -> None:
+        super().__init__(message)
+        self.saved_step = saved_step
+
+
+def restore_or_init(workdir: str | Path, config: TrainConfig) -> TrainState:
+    """The newest intact checkpoint's state in `workdir` if there is one, else a fresh state (from
+    `config.init_from` if set)."""
     fresh = init_state(config)
     like = checkpoints.state_tree(fresh.step, fresh.params, fresh.opt_state, config.seed)
-    tree = checkpoints.restore_state(manager, like)
+    tree = checkpoints.restore_state(Path(workdir), like)
     if tree is not None:
         return TrainState(jnp.asarray(tree["step"]), tree["params"], tree["opt_state"])
     if config.init_from:
         params = checkpoints.initial_params(config.init_from, config.stage, fresh.params)
         return TrainState(fresh.step, params, make_optimizer(config).init(params))
     return fresh
+
+
+def check_resume(workdir: str | Path, config: TrainConfig, allow_config_change: bool = False) -> list[tuple]:
+    """The (field, old, new) changes from the config of the run `workdir` holds to `config` ([] when there
+    is no checkpoint to resume); ValueError naming each change outside RESUME_FREE_FIELDS unless allowed."""
+    previous = checkpoints.read_config(workdir)
+    if previous is None or not saved_steps(Path(workdir) / checkpoints.CHECKPOINT_DIR):
+        return []
+    changes = config_changes(previous, config)
+    guarded = [c for c in changes if c[0] not in RESUME_FREE_FIELDS]
+    if guarded and not allow_config_change:
+        raise ValueError(f"{workdir} holds a run with another config ({_changes_text(guarded)}): pass "
+                         "--allow-config-change to resume it with the new values, or use a new --workdir")
+    return changes
+
+
+def _changes_text(changes: list[tuple]) -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {old} -> {new}" for name, old, new in changes)
+
+
+def samples_summary(samples: Any, train_idx: np.ndarray, val_idx: np.ndarray,
+                    path: str | Path | None = None) -> dict[str, Any]:
+    """What each checkpoint records about its samples: the counts (all, train, val; per sample type when
+    read into memory) and, trained from a sample set's folder, its path and its summary.json counts."""
+    summary: dict[str, Any] = {"count": len(samples), "train": len(train_idx), "val": len(val_idx)}
+    if isinstance(samples, input_pipeline.InMemorySamples):
+        labels = samples.arrays["label"]
+        summary["types"] = {name: int(np.sum(labels == label)) for name, label in LABEL.items()}
+    if path is not None:
+        summary["path"] = str(Path(path).resolve())
+        written = Path(path) / SAMPLES_SUMMARY
+        try:
+            info = json.loads(written.read_text()) if written.is_file() else {}
+        except (OSError, ValueError):
+            info = {"unreadable": str(written)}
+        summary["sample_set"] = {k: v for k, v in info.items() if k in _SUMMARY_KEYS} if isinstance(info, dict) else {}
+    return summary
+
 
 
 class _MetricLog:
@@ -82,60 +152,142 @@ class _MetricLog:
         self.sums, self.count, self.start = {}, 0, time.perf_counter()
 
 
+def _unsafe(metrics: dict[str, float], step: int, config: TrainConfig) -> str | None:
+    """Why the state after `step` must not be kept (a non-finite loss, gradient or state, a norm past the
+    bound), or None."""
+    loss, grad, norm = metrics["loss"], metrics["grad_norm"], metrics["param_norm"]
+    if not (math.isfinite(loss) and math.isfinite(grad)):
+        return f"loss is {loss} at step {step} (gradient norm {grad})"
+    if metrics[STATE_FINITE] != 1.0:
+        return (f"the parameters are not finite after step {step} (loss {loss:.4g}, gradient norm {grad:.4g}, "
+                f"learning rate {metrics['learning_rate']:.3g})")
+    if config.max_param_norm and not norm <= config.max_param_norm:
+        return f"the parameters' norm {norm:.4g} exceeds --max-param-norm {config.max_param_norm:g} after step {step}"
+    return None
+
+
+def _saved_line(saved: int | None, workdir: Path) -> str:
+    if saved is None:
+        return "no checkpoint was saved before it"
+    return f"the last checkpoint, step {saved} (all finite), is in {workdir / checkpoints.CHECKPOINT_DIR}"
+
+
+@contextlib.contextmanager
+def _stop_after_step(desc: str) -> Any:
+    """Yield `asked()`: True once Ctrl-C (SIGINT) was pressed. The first Ctrl-C only asks the loop to stop
+    after the current step (an interrupt inside an XLA compile can crash the interpreter as it exits); a
+    second one interrupts at once. Only in the main thread, over Python's own SIGINT handler."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    asked = threading.Event()
+
+    def first_interrupt(signum: int, frame: Any) -> None:
+        asked.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{desc}: Ctrl-C: stopping after this step and saving it (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: int | None = None,
-          in_memory: bool = False) -> TrainState:
-    """Train `config.stage` on `source` in `workdir`, resuming from its latest checkpoint; return the final state.
+          in_memory: bool = False, allow_config_change: bool = False,
+          samples_path: str | Path | None = None) -> TrainState:
+    """Train `config.stage` on `source` in `workdir`, resuming from its newest intact checkpoint; return the
+    final state.
 
     Runs to `config.steps` (or stops early, with a checkpoint, after `until_step`). `source` is streamed, or
-    read into memory first with `in_memory` (the same batches either way). Raises ValueError on bad input
-    (before training for the config, the workdir and the first batch's worth of samples; a bad sample further
-    on when its batch is read) and `NonFiniteLossError` (without saving) when the loss or the gradient norm
-    is not finite, so no checkpoint ever holds non-finite params.
+    read into memory first with `in_memory` (the same batches either way); `samples_path`, the folder it was
+    read from, goes into each checkpoint's provenance. Raises ValueError on bad input (before training for
+    the config, the workdir, a config change not allowed and the first batch's worth of samples; a bad sample
+    further on when its batch is read); `NonFiniteLossError` when the loss, the gradient or the updated state
+    is not finite, or the params' norm passes `max_param_norm` (that state unsaved, so no checkpoint ever
+    holds non-finite params); `TrainingInterrupted` on Ctrl-C, once the last checked step is saved.
     """
     devices = jax.local_device_count()
     check_config(config, devices)
     workdir = checkpoints.check_workdir(workdir, config.stage, config.optimizer, config.init_from)
+    changes = check_resume(workdir, config, allow_config_change)
+    with _stop_after_step(f"train {config.stage}") as stop_asked:
+        return _run(config, source, workdir, devices, changes, stop_asked, until_step=until_step,
+                    in_memory=in_memory, samples_path=samples_path)
+
+
+def _run(config: TrainConfig, source: Any, workdir: Path, devices: int, changes: list[tuple], stop_asked: Any, *,
+         until_step: int | None, in_memory: bool, samples_path: str | Path | None) -> TrainState:
+    """`train` once its checks are done: the loop, with Ctrl-C (`stop_asked`, or a KeyboardInterrupt) saving
+    the last checked step."""
     samples = input_pipeline.open_samples(source, config, in_memory=in_memory)
-    checkpoints.write_config(workdir, dataclasses.asdict(config))
     train_idx, val_idx = input_pipeline.split_indices(len(samples), config.val_fraction)
+    provenance = {"config": dataclasses.asdict(config), "version": __version__,
+                  "samples": samples_summary(samples, train_idx, val_idx, samples_path)}
+    checkpoints.write_config(workdir, dataclasses.asdict(config))
     last = config.steps if until_step is None else min(until_step, config.steps)
     step_fn, log = compiled_step(config), _MetricLog(workdir, config)
 
     def batch_of(step: int) -> dict:
         return shard(input_pipeline.training_batch(samples, train_idx, config, step), devices)
 
+    state = restore_or_init(workdir, config)
+    first = int(state.step)
+    if first:
+        note = f"; config changed: {_changes_text(changes)}" if changes else ""
+        print(f"{log.desc}: resumed from step {first} of {workdir / checkpoints.CHECKPOINT_DIR}{note}",
+              file=sys.stderr, flush=True)
+    checkpoints.trim_metrics(workdir, first)
     with checkpoints.checkpoint_manager(workdir, config.max_checkpoints) as manager:
-        state = restore_or_init(manager, config)
-        first = int(state.step)
-        checkpoints.trim_metrics(workdir, first)
-        replicated = flax.jax_utils.replicate(state)
+        saved = manager.latest_step()
+        good = flax.jax_utils.replicate(state)  # the newest state checked finite: the only one ever saved
         bar = tqdm(range(first, last), initial=first, total=log.total, desc=log.desc, disable=None,
                    dynamic_ncols=True)
-        with input_pipeline.Prefetch(batch_of, range(first, last)) as batches:  # prepared while the step runs
-            for step, batch in zip(bar, batches):
-                replicated, metrics = step_fn(replicated, batch)
-                metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}  # waits for the step
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    raise NonFiniteLossError(
-                        f"{config.stage}: loss is {metrics['loss']} at step {step + 1} (gradient norm "
-                        f"{metrics['grad_norm']}); stopped, the last good checkpoint (step {manager.latest_step()}) "
-                        f"is left in {workdir / checkpoints.CHECKPOINT_DIR}"
-                    )
-                log.add(metrics)
-                done = step + 1
-                if done % config.log_interval == 0 or done == last:
-                    log.flush(done, bar)
-                if len(val_idx) and (done % config.eval_interval == 0 or done == config.steps):
-                    params = flax.jax_utils.unreplicate(replicated).params
-                    val = evaluate(params, input_pipeline.eval_batches(samples, val_idx, config.batch_size), config)
-                    checkpoints.write_metrics(workdir, {"step": done, "split": "val", **val})
-                if done % config.checkpoint_interval == 0 or done == last:
-                    state = flax.jax_utils.unreplicate(replicated)
-                    checkpoints.save_state(manager, checkpoints.state_tree(state.step, state.params,
-                                                                           state.opt_state, config.seed))
+        try:
+            if stop_asked():
+                raise KeyboardInterrupt
+            with input_pipeline.Prefetch(batch_of, range(first, last)) as batches:  # prepared while a step runs
+                for step, batch in zip(bar, batches):
+                    replicated, metrics = step_fn(good, batch)
+                    metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                    unsafe = _unsafe(metrics, step + 1, config)
+                    if unsafe:
+                        raise NonFiniteLossError(f"{config.stage}: {unsafe}; stopped, {_saved_line(saved, workdir)}",
+                                                 saved)
+                    good, done = replicated, step + 1
+                    del metrics[STATE_FINITE]
+                    log.add(metrics)
+                    if done % config.log_interval == 0 or done == last:
+                        log.flush(done, bar)
+                    if len(val_idx) and (done % config.eval_interval == 0 or done == config.steps):
+                        params = flax.jax_utils.unreplicate(good).params
+                        val = evaluate(params, input_pipeline.eval_batches(samples, val_idx, config.batch_size), config)
+                        checkpoints.write_metrics(workdir, {"step": done, "split": "val", **val})
+                    if done % config.checkpoint_interval == 0 or done == last:
+                        saved = _save(manager, good, config, provenance)
+                    if stop_asked():
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            at = int(flax.jax_utils.unreplicate(good).step)
+            if at and at != manager.latest_step():
+                saved = _save(manager, good, config, provenance)
+            manager.wait_until_finished()
+            where = f"saved step {saved} in {workdir / checkpoints.CHECKPOINT_DIR}" if saved else "nothing saved"
+            raise TrainingInterrupted(f"stopped after step {at}, {where}; run the same command again to resume",
+                                      saved) from None
         bar.close()
         manager.wait_until_finished()
-    return jax.device_get(flax.jax_utils.unreplicate(replicated))
+    return jax.device_get(flax.jax_utils.unreplicate(good))
+
+
+def _save(manager: Any, replicated: TrainState, config: TrainConfig, provenance: dict[str, Any]) -> int:
+    state = flax.jax_utils.unreplicate(replicated)
+    tree = checkpoints.state_tree(state.step, state.params, state.opt_state, config.seed)
+    return checkpoints.save_state(manager, tree, provenance)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -160,13 +312,17 @@ def _flag_type(annotation: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """--stage, --data, --workdir, --in-memory, plus one flag per TrainConfig field (default: the stage's config)."""
+    """--stage, --data, --workdir, --in-memory, --allow-config-change, plus one flag per TrainConfig field
+    (default: the stage's config)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, choices=sorted(CONFIGS))
     parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.datasets.load_samples)")
     parser.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
     parser.add_argument("--in-memory", action="store_true",
                         help="read the whole sample set into memory at start-up instead of streaming it")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run whose config.json differs in a field that changes how it learns "
+                             "(the changes are listed on resume)")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "stage":
             continue
@@ -185,10 +341,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(CONFIGS[args.stage], **overrides)
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Any:
+    """CheckpointWarnings (a damaged step set aside, a torn metrics line dropped) as `PROG: warning: ...` lines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
+        yield
+
+
 @cli.entry(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: train the stage on `--data`. Every flag, the data folder and the workdir are checked before
-    the samples are read; bad input and a non-finite loss end in one `error:` line."""
+    """CLI entry: train the stage on `--data`. Every flag, the data folder, the workdir and a resume's config
+    changes are checked before the samples are read; bad input and a diverged run end in one `error:` line,
+    Ctrl-C in one line naming the step saved (exit 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -198,10 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = cli.existing_dir(args.data, "--data")
     cli.output_dir(args.workdir, "--workdir")
     checkpoints.check_workdir(args.workdir, config.stage, config.optimizer, config.init_from)
+    check_resume(args.workdir, config, args.allow_config_change)
     try:
-        train(config, load_samples(data), args.workdir, in_memory=args.in_memory)
+        with _one_line_warnings():
+            train(config, load_samples(data), args.workdir, in_memory=args.in_memory,
+                  allow_config_change=args.allow_config_change, samples_path=data)
     except NonFiniteLossError as err:  # the run's fault, not a bug: said in one line
         raise cli.CliError(str(err)) from err
+    except TrainingInterrupted as err:
+        print(f"{PROG}: interrupted: {err}", file=sys.stderr)
+        return cli.INTERRUPTED
     return 0
 
 

@@ -1,18 +1,23 @@
 """What defines a training run of one stage: `TrainConfig`, the paper's per-stage settings (Zhang et al. 2016,
-Sec. III-B: batch 384, loss weights det 1 / box 0.5 / landmark 0.5, or 1 for O-Net's landmarks) and the
-checks a config must pass before anything is trained or written (each field's range, when it is made).
+Sec. III-B: batch 384, loss weights det 1 / box 0.5 / landmark 0.5, or 1 for O-Net's landmarks), the
+checks a config must pass before anything is trained or written (each field's range, when it is made) and
+which fields a resumed run may change (`config_changes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from numbers import Integral, Real
 from typing import Any, Callable
 
+import numpy as np
+
 from mtcnn_jax import losses, stages
 
 OPTIMIZERS = ("sgd", "adam")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger setting is inf inside the (float32) step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.02  # held-back samples: an evenly spaced, deterministic set of indices
     init_from: str = ""  # start from these params, not a random init: a run, a checkpoint, or "original"
+    max_param_norm: float = 0.0  # stop when the params' global L2 norm exceeds this (0: no bound)
 
     def __post_init__(self) -> None:
         """ValueError naming the flag of the first field out of range: the API refuses what the CLI refuses."""
@@ -50,6 +56,9 @@ class TrainConfig:
             raise ValueError(f"--stage {self.stage}: expected one of {', '.join(stages.STAGES)}")
         for name, (ok, expected) in _FIELD_CHECKS.items():
             value = getattr(self, name)
+            if _number(value) and not abs(value) <= FLOAT32_MAX:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: beyond float32 (training computes in float32, "
+                                 f"where it is inf): at most {FLOAT32_MAX:.3g}")
             if not ok(value):
                 raise ValueError(f"--{name.replace('_', '-')} {value}: expected {expected}")
         for fraction in self.lr_decay_fractions:
@@ -102,6 +111,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_count(0), "an integer >= 0"),
     "val_fraction": (_within(0, 1, high_open=True), "0 <= fraction < 1"),
     "init_from": (lambda v: isinstance(v, str), "a run, a checkpoint folder or original"),
+    "max_param_norm": (_within(0, math.inf, high_open=True), "a finite norm >= 0 (0: no bound)"),
 }
 
 
@@ -137,3 +147,26 @@ def check_config(config: TrainConfig, devices: int) -> None:
     checked when the config was made)."""
     if config.batch_size % devices:
         raise ValueError(f"batch size {config.batch_size} does not divide evenly over {devices} devices")
+
+
+# What a resumed run may change without --allow-config-change: when it ends, logs and saves, not how it learns
+# (more `steps` also moves the lr decay points, which is what extending a run means).
+RESUME_FREE_FIELDS = ("steps", "log_interval", "eval_interval", "checkpoint_interval", "max_checkpoints",
+                      "max_param_norm")
+
+
+def config_changes(previous: dict[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(field, old, new) for each field of `config` that differs from `previous` (a run's config.json); a field
+    the old file lacks (written before the field existed) counts as its default, or is skipped if it has none."""
+    new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it: tuples as lists
+    changes = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in previous:
+            old = previous[field.name]
+        elif field.default is not dataclasses.MISSING:
+            old = json.loads(json.dumps(field.default))
+        else:
+            continue
+        if old != new[field.name]:
+            changes.append((field.name, old, new[field.name]))
+    return changes

@@ -1,11 +1,14 @@
 """One training step of a stage (Zhang et al. 2016, Sec. III-B): the multi-task loss with OHEM, its gradient
 pmean'ed over the local devices, and an SGD-momentum (Caffe's) or Adam update with L2 weight decay on a
 step learning-rate schedule; also the state it updates and the evaluation forward pass. Pure functions
-over explicit pytrees: dropout keys derive from (seed, step), so a step is a function of its inputs.
+over explicit pytrees: dropout keys derive from (seed, step), so a step is a function of its inputs. Each
+step also reports the updated params' norm and whether the updated state is all finite, so the trainer
+never saves a state it has not checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable
 
@@ -19,6 +22,7 @@ from mtcnn_jax import losses, nets
 from mtcnn_jax.train_config import TrainConfig
 
 AXIS = "batch"  # the named device axis of the data-parallel step
+STATE_FINITE = "state_finite"  # the step's metric: 1.0 when the updated params and optimizer state are finite
 
 
 @flax.struct.dataclass
@@ -46,7 +50,18 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(config: TrainConfig) -> TrainState:
     """Fresh params (seeded by config.seed) and optimizer state at step 0 (jitted: one compile, not one per op)."""
-    return _compiled_init(config)(jax.random.key(config.seed))
+    return _compiled_init(_step_config(config))(jax.random.key(config.seed))
+
+
+# The fields only the loop reads (when it logs, evaluates, saves or stops; where it starts): the compiled init
+# and step are cached on the config without them, so changing them compiles nothing.
+_LOOP_FIELDS = ("log_interval", "eval_interval", "checkpoint_interval", "max_checkpoints", "max_param_norm",
+                "val_fraction", "init_from")
+
+
+def _step_config(config: TrainConfig) -> TrainConfig:
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in _LOOP_FIELDS}
+    return dataclasses.replace(config, **defaults)
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,14 +101,27 @@ def train_step(
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     tx = make_optimizer(config)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     metrics["learning_rate"] = learning_rate_schedule(config)(state.step)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+    metrics["param_norm"] = optax.tree.norm(params)
+    metrics[STATE_FINITE] = all_finite((params, opt_state))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """1.0 if every value of `tree` is finite (no NaN, no inf), else 0.0: the check before a state is saved."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(flags)).astype(jnp.float32)
+
+
+def compiled_step(config: TrainConfig) -> Any:
+    """`train_step` pmapped over all local devices (cached per config, so repeated runs compile once)."""
+    return _compiled_step(_step_config(config))
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(config: TrainConfig) -> Any:
-    """`train_step` pmapped over all local devices (cached per config, so repeated runs compile once)."""
+def _compiled_step(config: TrainConfig) -> Any:
     return jax.pmap(functools.partial(train_step, config=config, axis_name=AXIS), axis_name=AXIS)
 
 

@@ -1,5 +1,6 @@
 """The trainer: data-parallel equivalence, resume, streamed vs in-memory runs, learning, bad input, NaN stop,
-the checkpoint layout, load_params and init-from (the input pipeline itself: test_input_pipeline.py)."""
+the checkpoint layout, load_params and init-from (the input pipeline itself: test_input_pipeline.py; checksums,
+divergence, Ctrl-C, damaged files, config changes and provenance: test_checkpoints_integrity.py)."""
 
 import dataclasses
 import json
@@ -50,15 +51,20 @@ def samples():
     return synthetic_samples(70, 12)
 
 
-def interrupt_at(monkeypatch, step, nan=False):
-    """From training step `step` on, batch assembly raises (a simulated kill) or yields NaN box targets."""
+class SimulatedKill(BaseException):
+    """A kill -9 in the middle of a run: nothing after it runs (unlike Ctrl-C, which saves the step)."""
+
+
+def interrupt_at(monkeypatch, step, nan=False, error=SimulatedKill):
+    """From training step `step` on, batch assembly raises `error` (a simulated kill, or Ctrl-C with
+    KeyboardInterrupt) or yields NaN box targets."""
     original = input_pipeline.training_batch
 
     def batch(samples, train_idx, config, s):
         out = original(samples, train_idx, config, s)
         if s >= step:
             if not nan:
-                raise KeyboardInterrupt("simulated kill")
+                raise error("simulated interruption")
             out["box"] = np.full_like(out["box"], np.nan)
         return out
 
@@ -72,6 +78,11 @@ def read_metrics(workdir):
 def assert_trees_close(a, b, **kw):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ------------------------------------------------------------------------------------ data parallelism
@@ -140,8 +151,9 @@ def test_metrics_checkpoints_and_config(uninterrupted):
     train_records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [3, 6, 9, 12]
     for key in ("loss", "cls", "cls_weighted", "box", "box_weighted", "landmark", "landmark_weighted",
-                "accuracy", "recall", "kept_fraction", "learning_rate", "samples_per_sec"):
+                "accuracy", "recall", "kept_fraction", "learning_rate", "samples_per_sec", "grad_norm", "param_norm"):
         assert key in train_records[0], key
+    assert "state_finite" not in train_records[0]  # the step's own check, not a metric
     assert train_records[0]["learning_rate"] == pytest.approx(0.01) and train_records[-1]["learning_rate"] == \
         pytest.approx(0.001)
     assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
@@ -162,21 +174,21 @@ def test_killed_and_resumed_run_matches_uninterrupted(samples, uninterrupted, tm
     # The batch of step 8 is assembled while step 7 runs: the kill lands after the checkpoint at step 6
     # (and the validation there), before the one at step 9.
     interrupt_at(monkeypatch, 8)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedKill):
         train.train(BASE, samples, tmp_path)
     monkeypatch.undo()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
     resumed = train.train(BASE, samples, tmp_path)  # a fresh call resumes from step 6
     assert int(resumed.step) == 12
-    assert_trees_close(resumed.params, uninterrupted[1].params, rtol=1e-6, atol=1e-7)
-    assert_trees_close(resumed.opt_state, uninterrupted[1].opt_state, rtol=1e-6, atol=1e-7)
+    assert_trees_equal(resumed.params, uninterrupted[1].params)  # bit for bit
+    assert_trees_equal(resumed.opt_state, uninterrupted[1].opt_state)
 
 
 def test_resume_drops_metrics_of_redone_steps(samples, tmp_path, monkeypatch):
     # Logged every 3 steps, saved every 6: killed in step 11, the run has logged step 9 but saved only step 6.
     config = dataclasses.replace(BASE, checkpoint_interval=6)
     interrupt_at(monkeypatch, 11)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedKill):
         train.train(config, samples, tmp_path)
     monkeypatch.undo()
     assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [3, 6, 9]
@@ -211,8 +223,9 @@ def test_load_params(uninterrupted, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(samples, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 4, nan=True)  # NaN box targets from batch 4 (step 5) on
-    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
+    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5.*the last checkpoint, step 3") as err:
         train.train(BASE, samples, tmp_path)
+    assert err.value.last_good_step == 3
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3]
     params = checkpoints.load_params(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
@@ -384,8 +397,7 @@ def test_assemble_cascade_cli_averages_several_runs(uninterrupted, original, tmp
 def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights, tmp_path):
     workdir, state = uninterrupted
     config = dataclasses.replace(BASE, init_from=str(workdir))
-    with checkpoints.checkpoint_manager(tmp_path / "a", config.max_checkpoints) as manager:
-        start = train.restore_or_init(manager, config)
+    start = train.restore_or_init(tmp_path / "a", config)
     assert int(start.step) == 0
     assert_trees_close(start.params, state.params)  # the run's latest params, a fresh optimizer state
     assert all(not np.any(x) for x in jax.tree_util.tree_leaves(start.opt_state))
