@@ -4,7 +4,7 @@
         [--memory-stage onet] [--steps N] [--batch-size 384] [--data DIR] [--json OUT]
 
 Every number comes from a child process that runs `train.train` (the real loop: input pipeline, prefetch
-thread, pmapped step, logging, a checkpoint at the end) for `--steps` steps (default: about 15 s of warm steps per stage on a 2-core CPU) on a sample set written to disk,
+thread, data-parallel step (shard_map over the devices), logging, a checkpoint at the end) for `--steps` steps (default: about 15 s of warm steps per stage on a 2-core CPU) on a sample set written to disk,
 and reports its peak RSS (`resource.getrusage(...).ru_maxrss`) and its per-step times (metrics.jsonl, one
 record per step). steps/s is the mean rate after the first two steps (the compile).
 

@@ -171,14 +171,15 @@ def newest_intact_hint(checkpoints: Path, below: int) -> str:
 def restore_newest(checkpoints: Path, damaged: Path, target: Any) -> Any:
     """The tree of the newest step in `checkpoints` that reads back verified and finite, into `target`'s
     structure; None if none does. Each newer step that fails is moved into `damaged` (kept, never deleted)
-    with a one-line CheckpointWarning."""
+    with a one-line CheckpointWarning (by process 0 alone, when several train together)."""
     for step in reversed(saved_steps(checkpoints)):
         try:
             return restore_verified(checkpoints / str(step), checkpoints / str(step) / ITEM, target)[0]
         except UNUSABLE as err:
-            moved = _set_aside(checkpoints / str(step), damaged)
-            warnings.warn(f"{err}; moved to {moved}, resuming from the step before it", CheckpointWarning,
-                          stacklevel=3)
+            if jax.process_index() == 0:  # one process moves the shared folder; the others go on reading
+                moved = _set_aside(checkpoints / str(step), damaged)
+                warnings.warn(f"{err}; moved to {moved}, resuming from the step before it", CheckpointWarning,
+                              stacklevel=3)
     return None
 
 

@@ -11,7 +11,9 @@ A sample source is anything with `__len__` and `__getitem__(i)` (and, read in on
 
 Both give the same batches, bit for bit. The indices of step s are consecutive slices of one seeded
 permutation per epoch (`step_indices`), then `augment` flips and perturbs them, so a batch is a pure function
-of (data, seed, s) and a resumed run sees what an uninterrupted one would. `Prefetch` prepares the next few
+of (data, seed, s) and a resumed run sees what an uninterrupted one would. On several processes each reads
+and augments only its own rows of that global batch (`process_batch`): together they train on the batch
+one process would. `Prefetch` prepares the next few
 batches on a background thread while the devices run the current step.
 """
 
@@ -73,6 +75,36 @@ def _check_not_empty(source: Any) -> int:
     if n == 0:
         raise ValueError("the sample set is empty: nothing to train on")
     return n
+
+
+class ConcatSamples:
+    """Several sample sources read as one (the shards of a sample set, `samples.load_sample_set`): index i
+    runs through the first source, then the second, ...; a batch is one batched read per source it touches."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        indices_N = np.asarray(indices, np.int64).reshape(-1)
+        if indices_N.size and not (0 <= indices_N.min() and indices_N.max() < len(self)):
+            raise IndexError(f"sample index out of range 0 .. {len(self) - 1}")
+        part_N = np.searchsorted(self.starts, indices_N, side="right") - 1
+        out: list = [None] * len(indices_N)
+        for part in np.unique(part_N):
+            at = np.flatnonzero(part_N == part)
+            local = (indices_N[at] - self.starts[part]).tolist()
+            source = self.parts[part]
+            many = getattr(source, "__getitems__", None)
+            for k, sample in zip(at, many(local) if many is not None else [source[i] for i in local]):
+                out[k] = sample
+        return out
 
 
 def load_arrays(source: Any, config: TrainConfig, chunk: int = 4096) -> dict[str, np.ndarray]:
@@ -156,6 +188,31 @@ def training_batch(samples: InMemorySamples | StreamedSamples, train_idx: np.nda
     """The augmented batch of step `step` (flips; colour jitter and blur when asked for): a pure function of
     (data, config.seed, step)."""
     return augment(samples.read(step_indices(train_idx, config.seed, step, config.batch_size)), config, step)
+
+
+def process_rows(batch_size: int, index: int, count: int) -> slice:
+    """The rows of the global batch that process `index` of `count` reads: one contiguous slice each, in
+    process order (`train_step.data_mesh` puts them on that process's devices)."""
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} does not divide evenly over {count} processes")
+    share = batch_size // count
+    return slice(index * share, (index + 1) * share)
+
+
+def process_batch(samples: InMemorySamples | StreamedSamples, train_idx: np.ndarray, config: TrainConfig,
+                  step: int, index: int = 0, count: int = 1) -> dict[str, np.ndarray]:
+    """Process `index` of `count`'s rows (`process_rows`) of `training_batch(..., step)`, reading only those
+    samples; one process: the whole batch."""
+    if count == 1:
+        return training_batch(samples, train_idx, config, step)
+    rows = process_rows(config.batch_size, index, count)
+    local = samples.read(step_indices(train_idx, config.seed, step, config.batch_size)[rows])
+    # augment draws per row of the global batch, seeded by (seed, step): run it on a full-size batch whose
+    # other rows are zeros (the ops are per row), so each row gets the draws it gets on one process.
+    full = {k: np.zeros((config.batch_size,) + v.shape[1:], v.dtype) for k, v in local.items()}
+    for k, v in local.items():
+        full[k][rows] = v
+    return {k: v[rows] for k, v in augment(full, config, step).items()}
 
 
 def eval_batches(samples: InMemorySamples | StreamedSamples, indices: np.ndarray,

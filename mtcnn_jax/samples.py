@@ -10,7 +10,13 @@ provenance ("source" image, "crop" box in its pixels, "flipped") so that any lab
 
     python -m mtcnn_jax.samples {pnet,rnet,onet} --wider DIR --landmarks DIR --out DIR [--weights CKPT]
         [--tfds-dir DIR] [--max-images N] [--seed S] [--workers W] [--ratio 3:1:1:2] [--min-face 20]
-        [--face-jitters 0] [--square-faces]
+        [--face-jitters 0] [--square-faces] [--shard I/N]
+
+`--shard I/N` makes one of N shards of the set, on as many machines or processes as there are shards: the
+images (and landmark faces) at positions I, I + N, I + 2N, ... of the source lists, each cut exactly as
+the whole run cuts it, mixed to --ratio within the shard, written to OUT/shard-I-of-N/. Once all N are
+under OUT (a shared folder, or copied together), `mtcnn_jax.train --data OUT` reads them as one set
+(`load_sample_set`).
 
 The WIDER FACE folder (official layout) and the landmark folder (LFW+Net's trainImageList.txt, else
 CelebA's lists) are read through their TFDS builders (datasets.WiderFace, LfwNet, CelebaWild): each is
@@ -51,6 +57,7 @@ from mtcnn_jax.stages import INPUT_SIZE, LABEL
 from mtcnn_jax.stages import SAMPLE_TYPES as TYPES
 
 WINDOW = 256  # images whose bytes are read and handed to the workers at a time (at least 16 per worker)
+SHARD_FOLDER = "shard-{index}-of-{count}"  # where --shard I/N writes its part of the set, under --out
 
 
 class SamplesError(ValueError):
@@ -218,11 +225,15 @@ def check_request(wider: str | Path, landmarks: str | Path | None, out: Path, cf
 def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Path, cfg: SampleConfig = SampleConfig(),
                  *, weights: str | Path | None = None, max_images: int | None = None,
                  max_landmarks: int | None = None, workers: int | None = None,
-                 tfds_dir: str | Path | None = None) -> dict:
+                 tfds_dir: str | Path | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Make one stage's sample set from WIDER FACE training images and a landmark set (read through their
     TFDS datasets, built under `tfds_dir` if not yet there), write it to `out` as a TFDS dataset with
-    summary.json beside it, and return the summary. Raises SamplesError if empty."""
+    summary.json beside it, and return the summary. Raises SamplesError if empty. With `shard` (index,
+    count): that shard of the images only, written to `out`/shard-index-of-count (`shard_jobs`)."""
     out, start = Path(out), time.perf_counter()
+    if shard is not None:
+        check_shard(shard)
+        out = out / SHARD_FOLDER.format(index=shard[0], count=shard[1])
     check_request(wider, landmarks, out, cfg, weights=weights, max_images=max_images, max_landmarks=max_landmarks,
                   workers=workers, tfds_dir=tfds_dir)
     # R-/O-Net: the mining cascade's weights are read now, so that a bad --weights fails before any work.
@@ -238,6 +249,8 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
                if "train" in b.info.splits and b.info.splits["train"].num_examples}  # none: all skipped
     jobs = [job for kind in sources for job in source_jobs(kind, sources[kind], image_dirs[kind], limits[kind])]
     extra: dict[str, Any] = {}
+    if shard is not None:
+        jobs, extra["shard"] = shard_jobs(jobs, *shard), list(shard)
     if cfg.stage != "pnet":
         read = lambda job: sources["wider"][job["index"]]["image"]  # noqa: E731
         extra["overflow"] = mtcnn_jax.sample_mining.add_detections(
@@ -256,6 +269,66 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
         shutil.rmtree(work_dir, ignore_errors=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# ----------------------------------------------------------------------------------------- shards
+
+def check_shard(shard: tuple[int, int]) -> None:
+    """ValueError unless shard is (index, count) with 0 <= index < count."""
+    index, count = shard
+    if not (isinstance(count, int) and isinstance(index, int) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"--shard {index}/{count}: expected I/N with 0 <= I < N, like 0/4")
+
+
+def shard_jobs(jobs: list[dict], index: int, count: int) -> list[dict]:
+    """Shard `index` of `count` of the jobs: those at positions index, index + count, ... of the whole run's
+    list (its images, then its landmark faces), so that the shards share the images out evenly and
+    each job keeps the index, and so the seed, it has in the whole run."""
+    return jobs[index::count]
+
+
+def shard_folders(directory: str | Path) -> list[Path]:
+    """The shard folders (shard-I-of-N) under `directory`, in shard order ([] if none); ValueError if any
+    of the N is missing or their Ns differ."""
+    found = {}
+    for path in Path(directory).glob(SHARD_FOLDER.format(index="*", count="*")):
+        index, _, count = path.name.removeprefix("shard-").partition("-of-")
+        if index.isdigit() and count.isdigit():
+            found[int(index), int(count)] = path
+    if not found:
+        return []
+    counts = sorted({count for _, count in found})
+    if len(counts) > 1:
+        raise ValueError(f"{directory} holds shards of different splits (of {counts}): keep one split per folder")
+    missing = sorted(set(range(counts[0])) - {index for index, _ in found})
+    if missing:
+        raise ValueError(f"{directory} lacks shard {', '.join(map(str, missing))} of {counts[0]}: make it "
+                         f"with --shard I/{counts[0]} before training on the set")
+    return [found[k] for k in sorted(found)]
+
+
+def load_sample_set(directory: str | Path) -> Any:
+    """The sample set written under `directory` (`mtcnn_jax.datasets.load_samples`), or, if it holds the N
+    shards of one (--shard), all of them read as one set in shard order."""
+    shards = shard_folders(directory)
+    if not shards:
+        return mtcnn_jax.datasets.load_samples(directory)
+    if (Path(directory) / "mtcnn_samples").exists():
+        raise ValueError(f"{directory} holds a whole sample set (mtcnn_samples/) and shards of one: keep one of "
+                         "them per folder")
+    stages = {json.loads((s / "summary.json").read_text()).get("stage") for s in shards
+              if (s / "summary.json").is_file()}
+    if len(stages) > 1:
+        raise ValueError(f"{directory}: its shards hold samples of different stages ({', '.join(sorted(stages))})")
+    return mtcnn_jax.input_pipeline.ConcatSamples([mtcnn_jax.datasets.load_samples(s) for s in shards])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """argparse type: "I/N" -> (I, N)."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected I/N like 0/4 (shard I of N), got {text!r}")
+    return int(index), int(count)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -295,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
     p.add_argument("--square-faces", action="store_true",
                    help="label crops by IoU with each face's square box (narrow faces can be positives)")
+    p.add_argument("--shard", type=parse_shard, metavar="I/N",
+                   help="make shard I of N (0 <= I < N) of the set, in OUT/shard-I-of-N; train on OUT reads all N")
     mtcnn_jax.compile_cache.add_flag(p)
     return p
 
@@ -308,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
                            hard_face_jitters=args.face_jitters, min_face=args.min_face,
                            square_faces=args.square_faces)
+        if args.shard is not None:
+            check_shard(args.shard)
         if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade
             mtcnn_jax.compile_cache.configure(args.compile_cache)
     except ValueError as err:
@@ -315,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # TFDS's build messages: stdout is the summary alone
         summary = make_samples(args.wider, args.landmarks, args.out, cfg, weights=args.weights,
                                max_images=args.max_images, max_landmarks=args.max_landmarks,
-                               workers=args.workers, tfds_dir=args.tfds_dir)
+                               workers=args.workers, tfds_dir=args.tfds_dir, shard=args.shard)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -17,6 +17,10 @@ holds a NaN or an inf: each step checks the updated state (and `--max-param-norm
 and a run that diverges stops naming the last step saved. Ctrl-C saves the current step and exits 130.
 Each checkpoint records its run config, the samples' summary and the package version (its provenance).
 `checkpoints.load_params(WORKDIR)` reads the trained params back.
+
+On several processes or hosts (`--coordinator HOST:PORT --num-processes N --process-id I`, one command per
+process, WORKDIR shared) each process reads its share of every batch and the step runs over all their
+devices: the same params as one process with the same --batch-size (`distributed`).
 """
 
 from __future__ import annotations
@@ -34,23 +38,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mtcnn_jax import __version__, checkpoints, cli, input_pipeline
+from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline
 from mtcnn_jax.checkpoint_integrity import CheckpointWarning, saved_steps
-from mtcnn_jax.datasets import load_samples
+from mtcnn_jax.samples import load_sample_set as load_samples  # a sample set, or the N shards of one
+from mtcnn_jax.samples import shard_folders
 from mtcnn_jax.stages import LABEL
 from mtcnn_jax.train_config import CONFIGS, RESUME_FREE_FIELDS, TrainConfig, check_config, config_changes
-from mtcnn_jax.train_step import (STATE_FINITE, TrainState, compiled_step, evaluate, init_state, make_optimizer,
-                                  shard)
+from mtcnn_jax.train_step import (STATE_FINITE, TrainState, compiled_step, evaluate, global_batch, init_state,
+                                  make_optimizer, replicate)
 
 SAMPLES_SUMMARY = "summary.json"  # what `samples.make_samples` writes beside a sample set
 _SUMMARY_KEYS = ("stage", "size", "seed", "ratio", "square_faces", "images", "landmark_faces", "kept", "total",
-                 "unreadable")  # the counts each checkpoint records from it (not its lists of skipped files)
+                 "shard", "unreadable")  # the counts each checkpoint records from it (not its lists of skipped files)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,13 +117,19 @@ def samples_summary(samples: Any, train_idx: np.ndarray, val_idx: np.ndarray,
         summary["types"] = {name: int(np.sum(labels == label)) for name, label in LABEL.items()}
     if path is not None:
         summary["path"] = str(Path(path).resolve())
-        written = Path(path) / SAMPLES_SUMMARY
-        try:
-            info = json.loads(written.read_text()) if written.is_file() else {}
-        except (OSError, ValueError):
-            info = {"unreadable": str(written)}
-        summary["sample_set"] = {k: v for k, v in info.items() if k in _SUMMARY_KEYS} if isinstance(info, dict) else {}
+        shards = shard_folders(path)
+        summary["sample_set"] = {"shards": [_written_summary(s) for s in shards]} if shards else _written_summary(path)
     return summary
+
+
+def _written_summary(folder: str | Path) -> dict[str, Any]:
+    """The counts of the summary.json `samples.make_samples` wrote in `folder` ({} if none)."""
+    written = Path(folder) / SAMPLES_SUMMARY
+    try:
+        info = json.loads(written.read_text()) if written.is_file() else {}
+    except (OSError, ValueError):
+        info = {"unreadable": str(written)}
+    return {k: v for k, v in info.items() if k in _SUMMARY_KEYS} if isinstance(info, dict) else {}
 
 
 
@@ -208,51 +218,67 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
     the config, the workdir, a config change not allowed and the first batch's worth of samples; a bad sample
     further on when its batch is read); `NonFiniteLossError` when the loss, the gradient or the updated state
     is not finite, or the params' norm passes `max_param_norm` (that state unsaved, so no checkpoint ever
-    holds non-finite params); `TrainingInterrupted` on Ctrl-C, once the last checked step is saved.
+    holds non-finite params); `TrainingInterrupted` on Ctrl-C, once the last checked step is saved. On
+    several processes (`distributed`) every process calls it alike; process 0 writes the run's files.
     """
-    devices = jax.local_device_count()
-    check_config(config, devices)
-    workdir = checkpoints.check_workdir(workdir, config.stage, config.optimizer, config.init_from)
-    changes = check_resume(workdir, config, allow_config_change)
+    error = None
+    try:  # every process's checks, then all start or all stop
+        check_config(config, jax.device_count())
+        distributed.check_devices()
+        workdir = checkpoints.check_workdir(workdir, config.stage, config.optimizer, config.init_from)
+        changes = check_resume(workdir, config, allow_config_change)
+        samples = input_pipeline.open_samples(source, config, in_memory=in_memory)
+    except (ValueError, OSError) as err:
+        error = err
+    distributed.agree_to_start(error)
     with _stop_after_step(f"train {config.stage}") as stop_asked:
-        return _run(config, source, workdir, devices, changes, stop_asked, until_step=until_step,
-                    in_memory=in_memory, samples_path=samples_path)
+        return _run(config, samples, workdir, changes, stop_asked, until_step=until_step, samples_path=samples_path)
 
 
-def _run(config: TrainConfig, source: Any, workdir: Path, devices: int, changes: list[tuple], stop_asked: Any, *,
-         until_step: int | None, in_memory: bool, samples_path: str | Path | None) -> TrainState:
-    """`train` once its checks are done: the loop, with Ctrl-C (`stop_asked`, or a KeyboardInterrupt) saving
-    the last checked step."""
-    samples = input_pipeline.open_samples(source, config, in_memory=in_memory)
+def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple], stop_asked: Any, *,
+         until_step: int | None, samples_path: str | Path | None) -> TrainState:
+    """`train` once its checks are done: the loop, with Ctrl-C (`stop_asked` on any process, or a
+    KeyboardInterrupt) saving the last checked step. Process 0 alone writes config.json and metrics and shows
+    the progress; every process takes part in the step and in Orbax's saves and restores."""
+    index, count = distributed.process()
+    primary = distributed.is_primary()
     train_idx, val_idx = input_pipeline.split_indices(len(samples), config.val_fraction)
     provenance = {"config": dataclasses.asdict(config), "version": __version__,
                   "samples": samples_summary(samples, train_idx, val_idx, samples_path)}
-    checkpoints.write_config(workdir, dataclasses.asdict(config))
+    if count > 1:
+        provenance["processes"] = count
+    if primary:
+        checkpoints.write_config(workdir, dataclasses.asdict(config))
     last = config.steps if until_step is None else min(until_step, config.steps)
     step_fn, log = compiled_step(config), _MetricLog(workdir, config)
 
-    def batch_of(step: int) -> dict:
-        return shard(input_pipeline.training_batch(samples, train_idx, config, step), devices)
+    def batch_of(step: int) -> dict:  # this process's rows of the step's batch
+        return input_pipeline.process_batch(samples, train_idx, config, step, index, count)
+
+    def stop() -> bool:
+        return distributed.any_process(stop_asked()) if count > 1 else stop_asked()
 
     state = restore_or_init(workdir, config)
+    distributed.barrier("mtcnn_jax.train: restored")  # no process lists checkpoints/ while another creates it
     first = int(state.step)
-    if first:
+    if first and primary:
         note = f"; config changed: {_changes_text(changes)}" if changes else ""
         print(f"{log.desc}: resumed from step {first} of {workdir / checkpoints.CHECKPOINT_DIR}{note}",
               file=sys.stderr, flush=True)
-    checkpoints.trim_metrics(workdir, first)
+    if primary:
+        checkpoints.trim_metrics(workdir, first)
     with checkpoints.checkpoint_manager(workdir, config.max_checkpoints) as manager:
         saved = manager.latest_step()
-        good = flax.jax_utils.replicate(state)  # the newest state checked finite: the only one ever saved
-        bar = tqdm(range(first, last), initial=first, total=log.total, desc=log.desc, disable=None,
-                   dynamic_ncols=True)
+        good = replicate(state)  # the newest state checked finite: the only one ever saved
+        bar = tqdm(range(first, last), initial=first, total=log.total, desc=log.desc,
+                   disable=None if primary else True, dynamic_ncols=True)
         try:
-            if stop_asked():
+            if stop():
                 raise KeyboardInterrupt
             with input_pipeline.Prefetch(batch_of, range(first, last)) as batches:  # prepared while a step runs
                 for step, batch in zip(bar, batches):
-                    replicated, metrics = step_fn(good, batch)
-                    metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                    replicated, metrics = step_fn(good, global_batch(batch, config.batch_size))
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
                     unsafe = _unsafe(metrics, step + 1, config)
                     if unsafe:
                         raise NonFiniteLossError(f"{config.stage}: {unsafe}; stopped, {_saved_line(saved, workdir)}",
@@ -260,19 +286,19 @@ def _run(config: TrainConfig, source: Any, workdir: Path, devices: int, changes:
                     good, done = replicated, step + 1
                     del metrics[STATE_FINITE]
                     log.add(metrics)
-                    if done % config.log_interval == 0 or done == last:
+                    if primary and (done % config.log_interval == 0 or done == last):
                         log.flush(done, bar)
-                    if len(val_idx) and (done % config.eval_interval == 0 or done == config.steps):
-                        params = flax.jax_utils.unreplicate(good).params
+                    if primary and len(val_idx) and (done % config.eval_interval == 0 or done == config.steps):
+                        params = jax.device_get(good.params)  # host copies: process 0 evaluates alone
                         val = evaluate(params, input_pipeline.eval_batches(samples, val_idx, config.batch_size), config)
                         checkpoints.write_metrics(workdir, {"step": done, "split": "val", **val})
                     if done % config.checkpoint_interval == 0 or done == last:
                         saved = _save(manager, good, config, provenance)
-                    if stop_asked():
+                    if stop():
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            at = int(flax.jax_utils.unreplicate(good).step)
+            at = int(jax.device_get(good.step))
             if at and at != manager.latest_step():
                 saved = _save(manager, good, config, provenance)
             manager.wait_until_finished()
@@ -281,11 +307,11 @@ def _run(config: TrainConfig, source: Any, workdir: Path, devices: int, changes:
                                       saved) from None
         bar.close()
         manager.wait_until_finished()
-    return jax.device_get(flax.jax_utils.unreplicate(good))
+    return jax.device_get(good)
 
 
 def _save(manager: Any, replicated: TrainState, config: TrainConfig, provenance: dict[str, Any]) -> int:
-    state = flax.jax_utils.unreplicate(replicated)
+    state = jax.device_get(replicated)  # the same host values on every process; Orbax writes them once
     tree = checkpoints.state_tree(state.step, state.params, state.opt_state, config.seed)
     return checkpoints.save_state(manager, tree, provenance)
 
@@ -316,13 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     (default: the stage's config)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, choices=sorted(CONFIGS))
-    parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.datasets.load_samples)")
+    parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.samples.load_sample_set: "
+                                                      "one set, or the N shards of one)")
     parser.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
     parser.add_argument("--in-memory", action="store_true",
                         help="read the whole sample set into memory at start-up instead of streaming it")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a run whose config.json differs in a field that changes how it learns "
                              "(the changes are listed on resume)")
+    distributed.add_flags(parser)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "stage":
             continue
@@ -359,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        processes = distributed.check_flags(args.coordinator, args.num_processes, args.process_id)
     except ValueError as err:
         parser.error(str(err))
+    if processes is not None:
+        distributed.initialize(*processes)
     data = cli.existing_dir(args.data, "--data")
     cli.output_dir(args.workdir, "--workdir")
     checkpoints.check_workdir(args.workdir, config.stage, config.optimizer, config.init_from)

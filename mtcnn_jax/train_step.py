@@ -1,9 +1,9 @@
 """One training step of a stage (Zhang et al. 2016, Sec. III-B): the multi-task loss with OHEM, its gradient
-pmean'ed over the local devices, and an SGD-momentum (Caffe's) or Adam update with L2 weight decay on a
-step learning-rate schedule; also the state it updates and the evaluation forward pass. Pure functions
-over explicit pytrees: dropout keys derive from (seed, step), so a step is a function of its inputs. Each
-step also reports the updated params' norm and whether the updated state is all finite, so the trainer
-never saves a state it has not checked.
+pmean'ed over every device of every process (a `shard_map` over a 1-D mesh of the global devices), and an
+SGD-momentum (Caffe's) or Adam update with L2 weight decay on a step learning-rate schedule; also the state
+it updates and the evaluation forward pass. Pure functions over explicit pytrees: dropout keys derive from
+(seed, step), so a step is a function of its inputs. Each step also reports the updated params' norm and
+whether the updated state is all finite, so the trainer never saves a state it has not checked.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtcnn_jax import losses, nets
 from mtcnn_jax.train_config import TrainConfig
@@ -115,14 +117,40 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)).astype(jnp.float32)
 
 
+def data_mesh() -> Mesh:
+    """The 1-D mesh (axis AXIS) of every device of every process, ordered by process then device id: process
+    p's devices hold one contiguous slice of the global batch (rows p * B / n .. (p + 1) * B / n - 1 when
+    each of the n processes has the same number of devices), the slice `input_pipeline.process_rows` reads."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (AXIS,))
+
+
 def compiled_step(config: TrainConfig) -> Any:
-    """`train_step` pmapped over all local devices (cached per config, so repeated runs compile once)."""
-    return _compiled_step(_step_config(config))
+    """`train_step` as a `shard_map` over `data_mesh()`, jitted: (state replicated (`replicate`), batch
+    split over the devices (`global_batch`)) -> (state, metrics), both replicated (cached per config, so
+    repeated runs compile once). The pmap of the step written as its shard_map form, over the global devices."""
+    return _compiled_step(_step_config(config), data_mesh())
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_step(config: TrainConfig) -> Any:
-    return jax.pmap(functools.partial(train_step, config=config, axis_name=AXIS), axis_name=AXIS)
+def _compiled_step(config: TrainConfig, mesh: Mesh) -> Any:
+    step = functools.partial(train_step, config=config, axis_name=AXIS)
+    # check_vma=False: pmap's semantics, each device's gradient of its own loss, pmean'ed by train_step (with
+    # the check, the gradient of the replicated params would already be psum'ed over the devices: N times it)
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False))
+
+
+def replicate(tree: Any) -> Any:
+    """`tree` (the same host values on every process) as arrays replicated over `data_mesh()`."""
+    return jax.device_put(jax.device_get(tree), NamedSharding(data_mesh(), P()))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
+    """This process's rows of a batch (`input_pipeline.process_rows`) as the global batch of `global_size`
+    rows split over `data_mesh()`'s devices (one process: the whole batch, split over the local devices)."""
+    sharding = NamedSharding(data_mesh(), P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
+            for k, v in local_batch.items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,11 +163,6 @@ def compiled_forward(stage: str) -> Any:
 def compiled_loss(weights: losses.LossWeights, ohem_ratio: float) -> Any:
     """`losses.multitask_loss` with fixed weights and OHEM ratio, jitted."""
     return jax.jit(functools.partial(losses.multitask_loss, weights=weights, ohem_ratio=ohem_ratio))
-
-
-def shard(batch: dict[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
-    """Split the global batch (B, ...) into (devices, B / devices, ...)."""
-    return {k: v.reshape((devices, v.shape[0] // devices) + v.shape[1:]) for k, v in batch.items()}
 
 
 def evaluate(params: Any, batches: Iterable[dict[str, np.ndarray]], config: TrainConfig) -> dict[str, float]:

@@ -90,7 +90,7 @@ def assert_trees_equal(a, b):
 PMAP_SCRIPT = textwrap.dedent(
     """
     import dataclasses, functools, sys
-    import flax.jax_utils, jax, numpy as np
+    import jax, numpy as np
     assert jax.local_device_count() == 2, jax.devices()
     sys.path.insert(0, {tests!r})
     from test_train import synthetic_samples
@@ -104,18 +104,21 @@ PMAP_SCRIPT = textwrap.dedent(
     idx = np.arange(len(samples))
     single = jax.jit(functools.partial(train_step.train_step, config=config, axis_name=None))
     state1 = train_step.init_state(config)
-    state2 = flax.jax_utils.replicate(state1)
+    state2 = train_step.replicate(state1)
     for step in range(3):
         batch = input_pipeline.training_batch(data, idx, config, step)
         state1, m1 = single(state1, batch)
-        state2, m2 = train_step.compiled_step(config)(state2, train_step.shard(batch, 2))
+        split = train_step.global_batch(batch, 16)
+        assert [s.data.shape[0] for s in split["image"].addressable_shards] == [8, 8]  # 8 rows per device
+        state2, m2 = train_step.compiled_step(config)(state2, split)
         jax.block_until_ready((state1, state2))
         for k in m1:
-            np.testing.assert_allclose(m2[k][0], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
         assert float(m1["kept_fraction"]) < 1.0  # OHEM dropped some samples, chosen across both devices
     for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(state2.params)):
-        np.testing.assert_allclose(np.asarray(b)[0], np.asarray(b)[1])
-        np.testing.assert_allclose(np.asarray(b)[0], a, rtol=1e-5, atol=1e-6)
+        first, second = (np.asarray(s.data) for s in b.addressable_shards)
+        np.testing.assert_array_equal(first, second)
+        np.testing.assert_allclose(first, a, rtol=1e-5, atol=1e-6)
     try:
         train.train(dataclasses.replace(config, batch_size=15), samples, {workdir!r})
     except ValueError as e:
@@ -127,7 +130,7 @@ PMAP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_pmap_on_two_devices_equals_one_device_step(tmp_path):
+def test_two_devices_equal_one_device_step(tmp_path):
     script = PMAP_SCRIPT.format(tests=str(Path(__file__).parent), workdir=str(tmp_path / "odd"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=170)
@@ -321,7 +324,7 @@ def test_streaming_stops_at_a_bad_sample_keeping_the_checkpoints(samples, tmp_pa
 
 
 def test_batch_not_divisible_over_devices(samples, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.jax, "local_device_count", lambda: 3)
+    monkeypatch.setattr(train.jax, "device_count", lambda: 3)
     with pytest.raises(ValueError, match="batch size 16 does not divide evenly over 3 devices"):
         train.train(BASE, samples, tmp_path)
 
