@@ -20,6 +20,7 @@ import argparse
 import os
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # what jax.distributed itself reads for the coordinator
 
@@ -91,8 +92,6 @@ def any_process(flag: bool) -> bool:
     """True on every process if `flag` is True on any of them (a collective: all processes must call it)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.array(bool(flag)))))
 
 
@@ -100,8 +99,6 @@ def failed_processes(failed: bool) -> list[int]:
     """The indices of the processes that passed failed=True (a collective: all processes must call it)."""
     if jax.process_count() == 1:
         return [0] if failed else []
-    from jax.experimental import multihost_utils
-
     flags = np.asarray(multihost_utils.process_allgather(np.array(bool(failed))))
     return np.flatnonzero(flags).tolist()
 
@@ -120,6 +117,4 @@ def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (a no-op on one process): Orbax's collective calls
     depend on what the shared WORKDIR holds, so no process changes it while another is still reading it."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+            multihost_utils.sync_global_devices(name)

@@ -231,9 +231,8 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
     summary.json beside it, and return the summary. Raises SamplesError if empty. With `shard` (index,
     count): that shard of the images only, written to `out`/shard-index-of-count (`shard_jobs`)."""
     out, start = Path(out), time.perf_counter()
-    if shard is not None:
-        check_shard(shard)
-        out = out / SHARD_FOLDER.format(index=shard[0], count=shard[1])
+    if shard is not None:  # checked, then written under its own folder
+        out = check_shard(shard) or out / SHARD_FOLDER.format(index=shard[0], count=shard[1])
     check_request(wider, landmarks, out, cfg, weights=weights, max_images=max_images, max_landmarks=max_landmarks,
                   workers=workers, tfds_dir=tfds_dir)
     # R-/O-Net: the mining cascade's weights are read now, so that a bad --weights fails before any work.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -46,15 +45,11 @@ from tqdm import tqdm
 from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline
 from mtcnn_jax.checkpoint_integrity import CheckpointWarning, saved_steps
 from mtcnn_jax.samples import load_sample_set as load_samples  # a sample set, or the N shards of one
-from mtcnn_jax.samples import shard_folders
-from mtcnn_jax.stages import LABEL
+from mtcnn_jax.provenance import samples_summary
 from mtcnn_jax.train_config import CONFIGS, RESUME_FREE_FIELDS, TrainConfig, check_config, config_changes
 from mtcnn_jax.train_step import (STATE_FINITE, TrainState, compiled_step, evaluate, global_batch, init_state,
                                   make_optimizer, replicate)
 
-SAMPLES_SUMMARY = "summary.json"  # what `samples.make_samples` writes beside a sample set
-_SUMMARY_KEYS = ("stage", "size", "seed", "ratio", "square_faces", "images", "landmark_faces", "kept", "total",
-                 "shard", "unreadable")  # the counts each checkpoint records from it (not its lists of skipped files)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,32 +100,6 @@ def check_resume(workdir: str | Path, config: TrainConfig, allow_config_change: 
 
 def _changes_text(changes: list[tuple]) -> str:
     return ", ".join(f"--{name.replace('_', '-')} {old} -> {new}" for name, old, new in changes)
-
-
-def samples_summary(samples: Any, train_idx: np.ndarray, val_idx: np.ndarray,
-                    path: str | Path | None = None) -> dict[str, Any]:
-    """What each checkpoint records about its samples: the counts (all, train, val; per sample type when
-    read into memory) and, trained from a sample set's folder, its path and its summary.json counts."""
-    summary: dict[str, Any] = {"count": len(samples), "train": len(train_idx), "val": len(val_idx)}
-    if isinstance(samples, input_pipeline.InMemorySamples):
-        labels = samples.arrays["label"]
-        summary["types"] = {name: int(np.sum(labels == label)) for name, label in LABEL.items()}
-    if path is not None:
-        summary["path"] = str(Path(path).resolve())
-        shards = shard_folders(path)
-        summary["sample_set"] = {"shards": [_written_summary(s) for s in shards]} if shards else _written_summary(path)
-    return summary
-
-
-def _written_summary(folder: str | Path) -> dict[str, Any]:
-    """The counts of the summary.json `samples.make_samples` wrote in `folder` ({} if none)."""
-    written = Path(folder) / SAMPLES_SUMMARY
-    try:
-        info = json.loads(written.read_text()) if written.is_file() else {}
-    except (OSError, ValueError):
-        info = {"unreadable": str(written)}
-    return {k: v for k, v in info.items() if k in _SUMMARY_KEYS} if isinstance(info, dict) else {}
-
 
 
 class _MetricLog:
