@@ -18,7 +18,9 @@ from importlib.metadata import version
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from peer_runner import add_detector_flags, decode  # beside this script
 
 Faces = tuple[np.ndarray, np.ndarray]  # boxes_Kx5 (x1, y1, x2, y2, score), landmarks_Kx5x2
 
@@ -68,21 +70,14 @@ PEERS = {"mtcnn": ("mtcnn", mtcnn_faces), "facenet_pytorch": ("facenet-pytorch",
 def main(argv: list[str] | None = None) -> int:
     """CLI: detect with one peer on the given images and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("images", nargs="+")
-    p.add_argument("--peer", choices=sorted(PEERS), required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--min-face-size", type=float, default=20.0)
-    p.add_argument("--scale-factor", type=float, default=0.709)
-    p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7))
+    add_detector_flags(p, PEERS)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     dist, make = PEERS[args.peer]
     run = make(args)
     ms, detections = {}, {}
     for i, path in enumerate(args.images):
-        with Image.open(path) as img:
-            pil = ImageOps.exif_transpose(img).convert("RGB")
-        rgb = np.asarray(pil)
+        pil, rgb = decode(path)
         if i == 0:
             run(pil, rgb)  # warm-up: graph tracing, first allocations
         t0 = time.perf_counter()

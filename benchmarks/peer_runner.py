@@ -57,11 +57,26 @@ def mtcnn_detector(args: argparse.Namespace, threads: int) -> Callable[[Image.Im
 PEERS = {"facenet_pytorch": ("facenet-pytorch", facenet_detector), "mtcnn": ("mtcnn", mtcnn_detector)}
 
 
-def time_image(run: Callable[..., int], path: str, runs: int) -> dict[str, Any]:
-    """One untimed-for-the-median warm-up call, then `runs` timed calls on one image (decoding not timed)."""
+def decode(path: str) -> tuple[Image.Image, np.ndarray]:
+    """An image as the peers take it: the EXIF-rotated RGB PIL image and its uint8 array."""
     with Image.open(path) as img:
         pil = ImageOps.exif_transpose(img).convert("RGB")
-    rgb = np.asarray(pil)
+    return pil, np.asarray(pil)
+
+
+def add_detector_flags(p: argparse.ArgumentParser, peers: dict) -> None:
+    """The images, the peer and the detector settings every peer script takes (ours' defaults)."""
+    p.add_argument("images", nargs="+")
+    p.add_argument("--peer", choices=sorted(peers), required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-face-size", type=float, default=20.0)
+    p.add_argument("--scale-factor", type=float, default=0.709)
+    p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7))
+
+
+def time_image(run: Callable[..., int], path: str, runs: int) -> dict[str, Any]:
+    """One untimed-for-the-median warm-up call, then `runs` timed calls on one image (decoding not timed)."""
+    pil, rgb = decode(path)
     t0 = time.perf_counter()
     faces = run(pil, rgb)
     first = time.perf_counter() - t0
@@ -76,21 +91,14 @@ def time_image(run: Callable[..., int], path: str, runs: int) -> dict[str, Any]:
 
 def detect_once(run: Callable[..., int], path: str) -> dict[str, Any]:
     """Decode and detect one image once, as a user's script would (bench_e2e.py times the whole process)."""
-    with Image.open(path) as img:
-        pil = ImageOps.exif_transpose(img).convert("RGB")
-    return {"faces": run(pil, np.asarray(pil))}
+    return {"faces": run(*decode(path))}
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: time one peer on the given images and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("images", nargs="+")
-    p.add_argument("--peer", choices=sorted(PEERS), required=True)
+    add_detector_flags(p, PEERS)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--min-face-size", type=float, default=20.0)
-    p.add_argument("--scale-factor", type=float, default=0.709)
-    p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7))
     p.add_argument("--once", action="store_true", help="each image once, untimed (for end-to-end walls)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

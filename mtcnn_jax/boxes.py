@@ -284,13 +284,18 @@ def landmarks_from_relative(boxes_Nx4: Array, rel_Nx10: Array) -> Array:
     return xp.stack([xs, ys], axis=-1)
 
 
-def mirror_average(rel_Nx10: Array, rel_mirrored_Nx10: Array) -> Array:
-    """Box-relative landmarks (N, 10) averaged with the net's on the left-right mirrored crops: a mirrored
-    point's x is 1 - x (the relative frame spans the box's pixel edges, so the mirror is exact) and the
-    eyes and mouth corners swap (`stages.FLIP_POINTS`). Test-time mirroring of O-Net, from the original's
-    later release; it halves what is asymmetric in the net's landmark error."""
-    xp = xp_of(rel_Nx10, rel_mirrored_Nx10)
+def mirror_landmarks(rel_Nx10: Array) -> Array:
+    """Box-relative landmarks (N, 10) of the left-right mirrored crop: x becomes 1 - x (the relative frame
+    spans the box's pixel edges, so the mirror is exact) and the eyes and mouth corners swap
+    (`stages.FLIP_POINTS`). Its own inverse; the training flips use it too."""
+    xp = xp_of(rel_Nx10)
     flip = list(FLIP_POINTS)
-    m = xp.asarray(rel_mirrored_Nx10)
-    mirrored = xp.concatenate([1 - m[..., :5][..., flip], m[..., 5:][..., flip]], axis=-1)
-    return (xp.asarray(rel_Nx10) + mirrored) / 2
+    m = xp.asarray(rel_Nx10)
+    return xp.concatenate([1 - m[..., :5][..., flip], m[..., 5:][..., flip]], axis=-1)
+
+
+def mirror_average(rel_Nx10: Array, rel_mirrored_Nx10: Array) -> Array:
+    """Box-relative landmarks (N, 10) averaged with the net's on the mirrored crops, mirrored back.
+    Test-time mirroring of O-Net, from the original's later release; it halves what is asymmetric in the
+    net's landmark error."""
+    return (xp_of(rel_Nx10, rel_mirrored_Nx10).asarray(rel_Nx10) + mirror_landmarks(rel_mirrored_Nx10)) / 2

@@ -22,11 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import stages
 from mtcnn_jax.stages import INPUT_SIZE, LABEL
 
 UNUSED = 9  # IoU in 0.3-0.4: neither negative nor part, not written
-FLIP_POINTS = np.array(stages.FLIP_POINTS)
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,9 @@ def landmark_targets(crops_Nx4: np.ndarray, points_Nx5x2: np.ndarray) -> np.ndar
 
 
 def flip_targets(box_Nx4: np.ndarray, landmarks_Nx10: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Targets of horizontally mirrored crops: dx1' = -dx2, dx2' = -dx1; x' = 1 - x with left/right swapped."""
+    """Targets of horizontally mirrored crops: dx1' = -dx2, dx2' = -dx1; landmarks `bx.mirror_landmarks`."""
     box = box_Nx4[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32)
-    xs, ys = 1 - landmarks_Nx10[:, :5], landmarks_Nx10[:, 5:]
-    return box, np.concatenate([xs[:, FLIP_POINTS], ys[:, FLIP_POINTS]], axis=1).astype(np.float32)
+    return box, bx.mirror_landmarks(np.asarray(landmarks_Nx10)).astype(np.float32)
 
 
 def iou_labels(iou_N: np.ndarray, cfg: SampleConfig) -> np.ndarray:
