@@ -73,7 +73,8 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     keep = passed[bx.nms(b1[passed], prob[passed], config.nms_rnet)]
     b2 = bx.refine(b1[keep], reg[keep], plus_one=True)
     steps["rnet"] = {"boxes": b2, "scores": prob[keep]}
-    out = _run_net("onet", params["onet"], crop_patches(src, b2, INPUT_SIZE["onet"]))
+    crops = crop_patches(src, b2, INPUT_SIZE["onet"])
+    out = _run_net("onet", params["onet"], crops)
     prob, reg, rel = _probability(out["logits"]), np.asarray(out["box"]), np.asarray(out["landmarks"])
     passed = np.nonzero(prob > config.thresholds[2])[0]
     b3 = bx.regress(b2[passed], reg[passed], plus_one=True)
@@ -81,7 +82,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
     steps["onet"] = {"boxes": b3[keep], "scores": prob[passed][keep]}
     seen, rel = b2[passed][keep], rel[passed][keep]  # the faces' O-Net boxes (before regression) and outputs
     if config.mirror_landmarks and len(seen):  # O-Net again on the faces' crops mirrored; landmarks averaged
-        mirrored = crop_patches(src, seen, INPUT_SIZE["onet"])[:, :, ::-1]
+        mirrored = np.asarray(crops)[passed][keep][:, :, ::-1]
         rel = bx.mirror_average(rel, _run_net("onet", params["onet"], mirrored)["landmarks"])
     steps["landmarks"] = bx.landmarks_from_relative(seen, rel)
     return steps
