@@ -1,10 +1,12 @@
 """Compile once per machine: where compiled cascades are kept between processes.
 
-Two stores in one folder (default: `compiled/` in the user cache folder beside the weights,
-`pretrained.cache_dir()`), both keyed so that a change of code, JAX or machine never reuses an entry:
-- JAX's persistent compilation cache (`xla/`): XLA executables, for every jit of the process.
-- `exports/`: each bucket's cascade as a serialized `jax.export.Exported`, so that a later process
-  neither traces nor lowers it again (tracing alone is about a second per bucket).
+Three stores in one folder (default: `compiled/` in the user cache folder beside the weights,
+`pretrained.cache_dir()`), all keyed so that a change of code, JAX or machine never reuses an entry:
+- `executables/`: each bucket's compiled cascade, loaded by a later process without tracing, lowering
+  or hashing its program (`executable`): a seen bucket costs only the executable's load.
+- `exports/`: each bucket's cascade as a serialized `jax.export.Exported`, so that a process that must
+  compile (another machine sharing the folder, a cleared executable) does not trace it again.
+- JAX's persistent compilation cache (`xla/`): XLA executables, for every other jit of the process.
 
 `$MTCNN_JAX_COMPILE_CACHE` (a folder, or `off`) and the CLIs' `--compile-cache` move or disable it.
 A folder the user already gave JAX (`jax_compilation_cache_dir`) is respected.
@@ -16,6 +18,8 @@ import argparse
 import functools
 import hashlib
 import os
+import pickle
+import platform
 import shutil
 import tempfile
 import threading
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from mtcnn_jax.pretrained import cache_dir
@@ -74,7 +79,8 @@ def configure(folder: str | os.PathLike | None = "default") -> Path | None:
             jax.config.update("jax_compilation_cache_max_size", XLA_MAX_BYTES)
             # Cache every cascade compile, however short (JAX's default skips those under 1 s).
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-            _prune_exports(path / "exports")
+            for store in ("exports", "executables"):
+                _prune(path / store)
         else:
             jax.config.update("jax_compilation_cache_dir", None)
         jax_cache.reset_cache()  # JAX decides once per process whether its cache is on: decide again
@@ -129,18 +135,58 @@ def exported(key: str, build: Callable[[], jax.export.Exported]) -> tuple[jax.ex
     return exp, False
 
 
+@functools.lru_cache(maxsize=1)
+def machine_fingerprint() -> str:
+    """The backend, its devices and (on CPU) the processor's instruction set: an executable holds native
+    code for them, so a cache folder shared between machines never hands one to the wrong machine."""
+    client = jax.devices()[0].client
+    parts = [client.platform, client.platform_version, *sorted({d.device_kind for d in jax.devices()})]
+    if client.platform == "cpu":
+        parts.append(platform.machine())
+        try:
+            flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+            parts.append(flags[0] if flags else "")
+        except OSError:
+            parts.append(platform.processor())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def executable(key: str, build: Callable[[], jax.stages.Compiled]) -> tuple[jax.stages.Compiled, bool]:
+    """The compiled program stored under `key` (with the code and machine fingerprints) if there is one,
+    else `build()`, stored for next time. Returns it and whether it came from disk. A damaged entry is
+    rebuilt."""
+    where = folder()
+    if where is None:
+        return build(), False
+    digest = hashlib.sha256(f"{machine_fingerprint()}|{key}".encode()).hexdigest()[:32]
+    path = where / "executables" / code_fingerprint() / f"{digest}.xla"
+    if path.is_file():
+        try:
+            # Our own cache folder: its executables are native code run as is, so unpickling them adds no trust.
+            stored = pickle.loads(path.read_bytes())
+            compiled = serialize_executable.deserialize_and_load(*stored)
+        except Exception:  # a truncated or foreign file: rebuilt below
+            compiled = None
+        if compiled is not None:
+            _touch(path.parent)
+            return compiled, True
+    compiled = build()
+    _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
+    return compiled, False
+
+
 def _touch(folder: Path) -> None:
-    """Mark a code version's export folder as used now (`_prune_exports` reads its time)."""
+    """Mark a code version's folder in a store as used now (`_prune` reads its time)."""
     try:
         os.utime(folder)
     except OSError:
         pass
 
 
-def _prune_exports(exports: Path) -> None:
-    """Delete the export folders of other code versions not used for STALE_DAYS (best effort)."""
+def _prune(store: Path) -> None:
+    """Delete a store's folders of other code versions not used for STALE_DAYS (best effort)."""
     try:
-        for old in exports.iterdir():
+        for old in store.iterdir():
             if old.name != code_fingerprint() and time.time() - old.stat().st_mtime > STALE_DAYS * 86400:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError:

@@ -4,7 +4,8 @@
 ahead of time once per process for each bucket, batch size, config and last stage (`compiled_cascade`),
 and through `compile_cache` once per machine. `detect_bucket` runs a padded batch through it;
 `CompileAhead` compiles the shapes a planned folder needs (`buckets.plan`) on a background thread while
-the shapes already compiled run.
+the shapes already compiled run. `redetect_bucket` runs `cascade.redetect_fn` (R-Net and O-Net around
+the faces of a previous video frame), compiled and kept the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from mtcnn_jax import compile_cache
 from mtcnn_jax.buckets import Bucket
-from mtcnn_jax.cascade import cascade_fn
+from mtcnn_jax.cascade import cascade_fn, redetect_fn
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.pyramid import PyramidPlan, image_plan
 from mtcnn_jax.stages import INPUT_SIZE, STAGES
@@ -51,10 +52,25 @@ def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config:
     return _export(bucket_arguments(params, bucket_hw, batch, config), config, upto, platforms)
 
 
+REDETECT = "redetect"  # compiled_cascade's `upto` for the re-detection program (video)
+
+
+def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
+    """The shapes and dtypes of `redetect_fn`'s arguments for one bucket: the previous faces in
+    config.max_faces slots per image."""
+    struct = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    return (jax.tree_util.tree_map(struct, params), jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8),
+            jax.ShapeDtypeStruct((batch, 2), np.int32), jax.ShapeDtypeStruct((batch, config.max_faces, 4), np.float32),
+            jax.ShapeDtypeStruct((batch, config.max_faces), np.bool_))
+
+
 def _export(arguments: tuple, config: CascadeConfig, upto: str,
             platforms: Sequence[str] | None = None) -> jax.export.Exported:
-    fn = jax.jit(functools.partial(cascade_fn, config=config, upto=upto))
-    return jax.export.export(fn, platforms=platforms)(*arguments)
+    """`upto` "redetect" is `redetect_fn`, any stage the cascade stopping after it."""
+    program = (functools.partial(redetect_fn, config=config) if upto == REDETECT
+               else functools.partial(cascade_fn, config=config, upto=upto))
+    return jax.export.export(jax.jit(program), platforms=platforms)(*arguments)
+
 
 
 _compiled: dict[tuple, Future] = {}
@@ -69,7 +85,7 @@ def _params_signature(params: dict) -> tuple:
 def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
                      upto: str = "onet") -> Callable:
     """The compiled cascade of one (bucket, batch size, config, upto), called as `cascade_fn` without its
-    config and upto. Compiled once per process (threads asking for one bucket wait for one compile;
+    config and upto (`upto=REDETECT`: `redetect_fn` without its config). Compiled once per process (threads asking for one bucket wait for one compile;
     different buckets compile concurrently) and, through `compile_cache`, once per machine: a later
     process loads the export and XLA's executable from the user's cache folder."""
     bucket_hw = tuple(bucket_hw)
@@ -80,7 +96,8 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
             future, owner = _compiled.setdefault(key, Future()), True
     if owner:
         try:
-            future.set_result(_compile(key, bucket_arguments(params, bucket_hw, batch, config)))
+            arguments = (redetect_arguments if upto == REDETECT else bucket_arguments)(params, bucket_hw, batch, config)
+            future.set_result(_compile(key, arguments))
         except BaseException as err:
             with _compiled_lock:
                 del _compiled[key]
@@ -89,11 +106,16 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
 
 
 def _compile(key: tuple, arguments: tuple) -> Callable:
-    """Export (or load the stored export of) the cascade of `compiled_cascade`'s key and compile it ahead
-    of time for these argument shapes."""
+    """The stored executable of `compiled_cascade`'s key, else the cascade exported (or its stored export
+    loaded) and compiled ahead of time for these argument shapes."""
     _, _, config, upto, _ = key
-    exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))
-    return jax.jit(exp.call, compiler_options=_compiler_options()).lower(*arguments).compile()
+    options = _compiler_options()
+
+    def build() -> jax.stages.Compiled:
+        exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))
+        return jax.jit(exp.call, compiler_options=options).lower(*arguments).compile()
+
+    return compile_cache.executable(f"cascade|{key!r}|{options!r}", build)[0]
 
 
 def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray,
@@ -123,6 +145,24 @@ def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarra
     run = compiled_cascade(params, (hb, wb), len(images), config, upto)
     out = run(params, images, sizes, level_hw, level_on, taps, *plan.cells)
     return jax.tree_util.tree_map(np.asarray, out)
+
+
+def redetect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray, boxes: Sequence[np.ndarray],
+                    config: CascadeConfig = CascadeConfig()) -> dict:
+    """Re-detect the faces `boxes[b]` (each (K, 4), 1-based boxes of a previous frame, K <= max_faces) in
+    a batch of images padded into one bucket: `redetect_fn`'s R-Net and O-Net around them. Returns what
+    `detect_bucket` does; compiled once per (bucket, batch size, config)."""
+    images = np.asarray(images_BxHxWx3)
+    sizes = np.asarray(sizes_Bx2, np.int32).reshape(-1, 2)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(sizes) != len(images) or len(boxes) != len(images):
+        raise ValueError("redetect_bucket needs uint8 images (B, H, W, 3), their sizes (B, 2) and B box arrays")
+    slots = np.zeros((len(images), config.max_faces, 4), np.float32)
+    valid = np.zeros((len(images), config.max_faces), bool)
+    for b, faces in enumerate(boxes):
+        faces = np.asarray(faces, np.float32).reshape(-1, 4)[: config.max_faces]
+        slots[b, : len(faces)], valid[b, : len(faces)] = faces, True
+    run = compiled_cascade(params, images.shape[1:3], len(images), config, REDETECT)
+    return jax.tree_util.tree_map(np.asarray, run(params, images, sizes, slots, valid))
 
 
 class CompileAhead:
