@@ -131,9 +131,17 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     overflow = {"window": over_window, "pnet": over_pnet}
     if upto == "pnet":
         return {"boxes": b1, "scores": s1, "valid": v1, "overflow": overflow}
+    return _rnet_onet(params, images_BxHxWx3, sizes_Bx2, b1, v1, config, upto, overflow)
+
+
+def _rnet_onet(params, images_BxHxWx3, sizes_Bx2, boxes_BxNx4, valid_BxN, config: CascadeConfig, upto: str,
+               overflow: dict):
+    """R-Net and O-Net (stopping after `upto`) on square candidate boxes, valid slots first."""
     srcs = jax.vmap(crop_sources)(images_BxHxWx3, sizes_Bx2)  # from the 8-bit pixels: exact integer sums
-    r = _run_in_chunks(_stage_net("rnet", params, srcs), b1, v1, config.net_chunk, _stage_spec("rnet"))
-    b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(b1, v1, r["prob"], r["box"])
+    r = _run_in_chunks(_stage_net("rnet", params, srcs), boxes_BxNx4, valid_BxN, config.net_chunk,
+                       _stage_spec("rnet"))
+    b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(
+        boxes_BxNx4, valid_BxN, r["prob"], r["box"])
     if upto == "rnet":
         return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
     o = _run_in_chunks(_stage_net("onet", params, srcs), b2, v2, config.net_chunk, _stage_spec("onet"))
@@ -145,3 +153,33 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
         rel3 = bx.mirror_average(rel3, m["landmarks"])
     pts = bx.landmarks_from_relative(seen3, rel3)
     return {"boxes": b3, "scores": s3, "landmarks": pts, "valid": v3, "overflow": overflow}
+
+
+# Where re-detection looks for a face seen in the previous frame, as (dx, dy, scale) of its square box:
+# the box itself, shifted a quarter of its side each way, and enlarged a quarter. R-Net's regression
+# recovers the rest of the motion, as it does for P-Net's loose windows.
+REDETECT_OFFSETS = ((0.0, 0.0, 1.0), (-0.25, 0.0, 1.0), (0.25, 0.0, 1.0), (0.0, -0.25, 1.0), (0.0, 0.25, 1.0),
+                    (0.0, 0.0, 1.25))
+
+
+def redetect_candidates(boxes_Kx4, valid_K):
+    """R-Net's candidates around faces seen before: each box squared, then every REDETECT_OFFSETS variant,
+    face by face (K * V slots, valid faces' slots first, as `_run_in_chunks` needs)."""
+    sq = bx.square(boxes_Kx4)
+    side = (sq[:, 2] - sq[:, 0])[:, None]
+    cx, cy = ((sq[:, 0] + sq[:, 2]) * 0.5)[:, None], ((sq[:, 1] + sq[:, 3]) * 0.5)[:, None]
+    dx, dy, scale = (jnp.asarray(v, jnp.float32)[None] for v in zip(*REDETECT_OFFSETS))
+    half = side * scale * 0.5
+    cx, cy = cx + dx * side, cy + dy * side
+    cand = jnp.stack([cx - half, cy - half, cx + half, cy + half], axis=-1)  # (K, V, 4)
+    return bx.fix(cand.reshape(-1, 4)), jnp.repeat(valid_K, len(REDETECT_OFFSETS))
+
+
+def redetect_fn(params, images_BxHxWx3, sizes_Bx2, boxes_BxKx4, valid_BxK, config: CascadeConfig):
+    """Re-detection for video: R-Net and O-Net on candidates around the faces of a previous frame
+    (`redetect_candidates`), no pyramid and no P-Net. Finds those faces where they moved to, never new ones:
+    the caller runs the whole cascade every few frames and whenever a face is lost."""
+    cand, valid = jax.vmap(redetect_candidates)(boxes_BxKx4, valid_BxK)
+    zeros = jnp.zeros(valid.shape[:1], jnp.int32)
+    return _rnet_onet(params, images_BxHxWx3, sizes_Bx2, cand, valid, config, "onet",
+                      {"window": zeros, "pnet": zeros})

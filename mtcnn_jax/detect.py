@@ -111,8 +111,8 @@ def _empty_detections(overflow: dict[str, int]) -> Detections:
                       np.zeros((0, 5, 2), np.float32), overflow)
 
 
-def _slice(out: dict[str, Any], b: int) -> Detections:
-    """Image b's valid rows of a detect_bucket result."""
+def detect_slice(out: dict[str, Any], b: int) -> Detections:
+    """Image b's valid rows of a detect_bucket (or redetect_bucket) result."""
     keep = np.asarray(out["valid"][b], bool)
     overflow = {stage: int(np.asarray(counts)[b]) for stage, counts in out["overflow"].items()}
     if not keep.any():
@@ -122,12 +122,12 @@ def _slice(out: dict[str, Any], b: int) -> Detections:
                       np.asarray(out["landmarks"][b], np.float32)[keep].reshape(-1, 5, 2), overflow)
 
 
-def _run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
-               config: CascadeConfig) -> list[Detections]:
+def run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
+              config: CascadeConfig) -> list[Detections]:
     """One detect_bucket call on `images` zero-padded into the bucket."""
     images_BxHxWx3, sizes_Bx2 = buckets.pad_to_bucket(images, bucket)
     out = compiled.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
-    return [_slice(out, b) for b in range(len(images))]
+    return [detect_slice(out, b) for b in range(len(images))]
 
 
 def _warn_overflow(name: str, det: Detections) -> None:
@@ -150,7 +150,7 @@ def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str
         img if isinstance(img, ImageError) else _empty_detections({}) for img in images]  # no level: no face
     sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
     for bucket, chunk in buckets.plan(sizes, config, batch_size or buckets.default_batch_size()):
-        for i, det in zip(chunk, _run_batch(params, [images[i] for i in chunk], bucket, config)):
+        for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
             _warn_overflow(names[i], det)
             results[i] = det
     for i, note in enumerate(converted or ()):

@@ -1,0 +1,64 @@
+"""Re-detection for video: candidates around the previous faces, and when the whole cascade runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtcnn_jax import boxes as bx
+from mtcnn_jax import cascade
+from mtcnn_jax.detect import detect
+from mtcnn_jax.redetection import Redetector
+
+
+def test_candidates_around_a_face_by_hand():
+    boxes = np.array([[10.0, 20.0, 30.0, 60.0], [0, 0, 0, 0]], np.float32)  # 20 x 40, squared to 40 x 40
+    cand, valid = (np.asarray(a) for a in cascade.redetect_candidates(boxes, np.array([True, False])))
+    v = len(cascade.REDETECT_OFFSETS)
+    assert cand.shape == (2 * v, 4) and valid.tolist() == [True] * v + [False] * v
+    # square: centre (20, 40), side 40 -> (0, 20, 40, 60); shifts of a quarter side are 10 px; 1.25x -> side 50
+    expected = [[0, 20, 40, 60], [-10, 20, 30, 60], [10, 20, 50, 60], [0, 10, 40, 50], [0, 30, 40, 70],
+                [-5, 15, 45, 65]]
+    np.testing.assert_array_equal(cand[:v], expected)
+
+
+def test_every_must_be_a_whole_number():
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="every"):
+            Redetector(every=bad)
+
+
+@pytest.fixture(scope="module")
+def frames(shared_data):
+    """Frames of a face moving a few pixels, then a blank frame (the face lost)."""
+    with Image.open(shared_data / "reference" / "ivan.jpg") as img:
+        face = np.asarray(img.convert("RGB").resize((160, 160)))
+    canvas = np.zeros((4, 200, 240, 3), np.uint8)
+    for k, (dy, dx) in enumerate([(10, 20), (13, 24), (16, 28), (19, 32)]):
+        canvas[k, dy:dy + 160, dx:dx + 160] = face
+    return [*canvas, np.zeros((200, 240, 3), np.uint8)]
+
+
+def test_redetection_follows_the_face_and_reruns_when_it_is_lost(frames, original_weights):
+    tracker = Redetector(every=3, batch_size=1)
+    found = [tracker.detect(original_weights, [f], ["cam"])[0] for f in frames]
+    whole = [detect(f, original_weights) for f in frames]
+    assert [len(d) for d in whole] == [1, 1, 1, 1, 0]
+    assert [len(d) for d in found] == [1, 1, 1, 1, 0]
+    for a, b in zip(found[:4], whole[:4]):
+        assert float(bx.iou_matrix(a.boxes, b.boxes)[0, 0]) > 0.8
+    np.testing.assert_array_equal(found[0].boxes, whole[0].boxes)  # frame 0 and 3: the whole cascade
+    np.testing.assert_array_equal(found[3].boxes, whole[3].boxes)
+    # frames 0 and 3 whole, 1 and 2 re-detected, 4 re-detected, lost, then whole
+    assert (tracker.full_runs, tracker.redetect_runs) == (3, 3)
+
+
+def test_sources_keep_their_own_state(frames, original_weights):
+    tracker = Redetector(every=10, batch_size=2)
+    a = tracker.detect(original_weights, [frames[0], frames[4]], ["a", "b"])
+    assert [len(d) for d in a] == [1, 0] and tracker.full_runs == 2
+    b = tracker.detect(original_weights, [frames[1], frames[4]], ["a", "b"])  # "b" has no face to look around
+    assert [len(d) for d in b] == [1, 0] and (tracker.full_runs, tracker.redetect_runs) == (3, 1)
+    with pytest.raises(ValueError, match="each source once"):
+        tracker.detect(original_weights, [frames[0], frames[1]], ["a", "a"])
