@@ -170,9 +170,27 @@ def executable(key: str, build: Callable[[], jax.stages.Compiled]) -> tuple[jax.
         if compiled is not None:
             _touch(path.parent)
             return compiled, True
+    hits = _xla_cache_hits()
     compiled = build()
-    _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
+    if _xla_cache_hits() == hits:  # an executable JAX read from its own cache serializes incomplete: not kept
+        _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
     return compiled, False
+
+
+_this_thread = threading.local()  # JAX reports a cache hit in the thread that compiles
+
+
+def _count_hit(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _this_thread.hits = getattr(_this_thread, "hits", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def _xla_cache_hits() -> int:
+    """Executables this thread has read from JAX's persistent cache so far."""
+    return getattr(_this_thread, "hits", 0)
 
 
 def _touch(folder: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,16 @@ def test_a_second_process_compiles_nothing(tmp_path):
     assert second["scores"] == first["scores"]
     assert list((tmp_path / "executables").rglob("*.xla"))
     assert list((tmp_path / "exports").rglob("*.jaxexport"))  # the traced cascade is kept too
+
+
+def test_an_executable_read_from_jaxs_cache_is_not_stored_again(tmp_path):
+    """An XLA:CPU executable that JAX read from its persistent cache serializes without its kernels
+    ("Function ..._kernel not found" when run): the store keeps only executables compiled here."""
+    first = _run_process(tmp_path)
+    shutil.rmtree(tmp_path / "executables")  # as after a change of code: JAX's cache still holds the bucket
+    second = _run_process(tmp_path)
+    assert second["hits"] >= 1 and second["misses"] == 0 and not list((tmp_path / "executables").rglob("*.xla"))
+    assert _run_process(tmp_path)["scores"] == second["scores"] == first["scores"]
 
 
 def test_cache_can_be_disabled_and_moved(tmp_path, monkeypatch):
