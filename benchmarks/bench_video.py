@@ -84,11 +84,10 @@ def bench_size(frames: list[np.ndarray], args: argparse.Namespace, params, workd
         seconds, dets = timed(lambda: detect_batch(frames, params, config=config, batch_size=batch))
         row[f"ours_b{batch}_fps"], full = n / seconds, full or dets
     for every in args.every:
-        tracker = Redetector(every=every)
-        tracker.detect(params, frames[:1], ["warm-up"], config)  # compiles the re-detection program
-        tracker.detect(params, frames[1:2], ["warm-up"], config)
-        tracker = Redetector(every=every)
-        seconds, dets = timed(lambda: [tracker.detect(params, [f], ["clip"], config)[0] for f in frames])
+        tracker = Redetector.of(params, every, config, batch_size=1)
+        tracker.detect(frames[:1], ["warm-up"])  # compiles the re-detection program
+        tracker.detect(frames[1:2], ["warm-up"])
+        seconds, dets = timed(lambda: [tracker.detect([f], ["clip"])[0] for f in frames])
         row[f"redetect{every}_fps"] = n / seconds
         row[f"redetect{every}_recall"], row[f"redetect{every}_extra"] = recall(full, dets)
         row[f"redetect{every}_full_frames"] = tracker.full_runs

@@ -22,6 +22,9 @@ Bucket = tuple[int, int]
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 BUCKET_BASE = 128  # the smallest bucket side: P-Net's work on a smaller image is negligible
+# Video frames and camera streams: one size per stream, so the ladder's coarse steps would only add
+# padding; their sides are rounded up to this multiple instead (unless a config sets bucket_multiple).
+STREAM_BUCKET_MULTIPLE = 16
 
 
 def bucket_side(n: int, multiple: int = 0) -> int:

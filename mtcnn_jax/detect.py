@@ -6,8 +6,11 @@ are ever compiled. Inputs are read by `images.load_converted` (grayscale, alpha,
 images converted to 8-bit RGB, noted in `Detections.converted`; `strict=True` refuses them); a bad input
 raises (or, in a batch, yields in its slot) an `ImageError` that names the image.
 
+`detect_stream(frames)` runs the frames of one or more streams (videos, cameras), batched across them
+(`streams`); `video_io.read_frames` decodes videos.
+
 Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]` (its flags,
-their checks and what it does: `detect_flags`; how it writes its files: `outputs`).
+their checks and what it does: `detect_flags`; how it writes its files: `outputs`; videos: `video`).
 """
 
 from __future__ import annotations
@@ -17,54 +20,22 @@ import functools
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mtcnn_jax import buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained
-from mtcnn_jax.align import Aligned, align, crop_geometry
+from mtcnn_jax import buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained, redetection, streams, video
+from mtcnn_jax.align import align, crop_geometry
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.detections import CapacityWarning, Detections, empty_detections, run_batch
 from mtcnn_jax.detect_flags import CAPACITY_FIELDS, PROG, build_parser, capacity_flag, check_crops, config_from_args
 from mtcnn_jax.images import (IMAGE_SUFFIXES, ImageError, ImageSource, first_copies, list_inputs, load_converted,
                               skipped_line)
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
-
-
-class CapacityWarning(UserWarning):
-    """A fixed capacity of the jitted cascade was full, so some candidates of an image were dropped."""
-
-
-@dataclass(frozen=True, eq=False)
-class Detections:
-    """The faces found in one image: boxes_Kx4 (x1, y1, x2, y2), scores_K, landmarks_Kx5x2 (x, y), the
-    per-stage counts of candidates dropped at a full capacity (0 when none), how the image was
-    converted to 8-bit RGB (e.g. "RGBA -> RGB (alpha on white)"; None when it was RGB) and, when asked
-    for (`crops=`), the faces' aligned crops (`align.Aligned`: crops, matrices, inverses)."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    landmarks: np.ndarray
-    overflow: dict[str, int] = field(default_factory=dict)
-    converted: str | None = None
-    aligned: Aligned | None = None
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def to_json(self) -> dict[str, Any]:
-        """The shared detections format: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x, y] x 5],
-        ...], "overflow": {stage: count}}, "converted": note when the image was converted, and
-        "crop_matrices": [2x3 image -> crop matrix per face] when crops were made."""
-        boxes = np.column_stack([self.boxes, self.scores]).astype(np.float64)
-        out = {"boxes": boxes.tolist(), "landmarks": self.landmarks.astype(np.float64).tolist(),
-               "overflow": dict(self.overflow)}
-        out |= {"converted": self.converted} if self.converted else {}
-        return out | ({"crop_matrices": self.aligned.matrices.astype(np.float64).tolist()} if self.aligned else {})
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -106,30 +77,6 @@ def make_config(config: CascadeConfig | None, min_face_size: float, scale_factor
     return config
 
 
-def _empty_detections(overflow: dict[str, int]) -> Detections:
-    return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
-                      np.zeros((0, 5, 2), np.float32), overflow)
-
-
-def detect_slice(out: dict[str, Any], b: int) -> Detections:
-    """Image b's valid rows of a detect_bucket (or redetect_bucket) result."""
-    keep = np.asarray(out["valid"][b], bool)
-    overflow = {stage: int(np.asarray(counts)[b]) for stage, counts in out["overflow"].items()}
-    if not keep.any():
-        return _empty_detections(overflow)
-    return Detections(np.asarray(out["boxes"][b], np.float32)[keep],
-                      np.asarray(out["scores"][b], np.float32)[keep],
-                      np.asarray(out["landmarks"][b], np.float32)[keep].reshape(-1, 5, 2), overflow)
-
-
-def run_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int],
-              config: CascadeConfig) -> list[Detections]:
-    """One detect_bucket call on `images` zero-padded into the bucket."""
-    images_BxHxWx3, sizes_Bx2 = buckets.pad_to_bucket(images, bucket)
-    out = compiled.detect_bucket(params, images_BxHxWx3, sizes_Bx2, config)
-    return [detect_slice(out, b) for b in range(len(images))]
-
-
 def _warn_overflow(name: str, det: Detections) -> None:
     """One CapacityWarning per stage that dropped candidates of this image, naming the field to raise."""
     for stage, dropped in det.overflow.items():
@@ -147,7 +94,7 @@ def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str
     """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
     the batches of `buckets.plan`; `converted` (one note or None per image) goes into the Detections."""
     results: list[Detections | ImageError] = [
-        img if isinstance(img, ImageError) else _empty_detections({}) for img in images]  # no level: no face
+        img if isinstance(img, ImageError) else empty_detections({}) for img in images]  # no level: no face
     sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
     for bucket, chunk in buckets.plan(sizes, config, batch_size or buckets.default_batch_size()):
         for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
@@ -226,6 +173,45 @@ def detect(image: ImageSource, params: Any = None, *, min_face_size: float = MIN
     return with_crops(img, det, crops, crop_size, crop_margin)
 
 
+def stream_detector(params: Any, config: CascadeConfig, batch_size: int | None = None,
+                    redetect_every: int | None = None) -> streams.Detector:
+    """The cascade as `streams.detect_frames` runs it: `params` as `resolve_params` takes them, `batch_size`
+    frames a batch (default `buckets.default_batch_size()`), buckets fitted to the frames
+    (`buckets.STREAM_BUCKET_MULTIPLE` unless config sets bucket_multiple); `redetect_every` N > 1: the whole
+    cascade every N frames of a stream, re-detection around its last faces in between (`redetection`)."""
+    params = resolve_params(params)
+    config = dataclasses.replace(config, bucket_multiple=config.bucket_multiple or buckets.STREAM_BUCKET_MULTIPLE)
+    batch_size = batch_size or buckets.default_batch_size()
+    if redetect_every is not None and (int(redetect_every) != redetect_every or redetect_every < 1):
+        raise ValueError(f"redetect_every must be a whole number >= 1, got {redetect_every!r}")
+    if redetect_every and redetect_every > 1:
+        run = redetection.batch_runner(redetection.Redetector.of(params, redetect_every, config, batch_size))
+    else:
+        def run(frames: list[np.ndarray], bucket: buckets.Bucket, sources: list) -> list[Detections]:
+            return run_batch(params, frames, bucket, config)
+    return streams.Detector(run, config, batch_size, empty_detections({}),
+                            lambda det, note: dataclasses.replace(det, converted=note), _warn_overflow, params)
+
+
+def detect_stream(frames: Iterable[tuple[Hashable, ImageSource]] | Mapping[Hashable, Iterable[ImageSource]],
+                  params: Any = None, *, min_face_size: float = MIN_FACE_SIZE, scale_factor: float = SCALE_FACTOR,
+                  thresholds: Sequence[float] = THRESHOLDS, config: CascadeConfig | None = None,
+                  batch_size: int | None = None, redetect_every: int | None = None,
+                  strict: bool = False) -> Iterator[tuple[Hashable, int, Detections | ImageError]]:
+    """Faces in the frames of one or more streams, as they come: `frames` is (source, frame) pairs, or
+    {source: iterable of frames} read on a thread per source (cameras that do not wait for one another).
+    Yields (source, k, Detections) for each source's k-th frame (from 0), in each source's order; a bad
+    frame yields its ImageError. Frames of one bucket run together whatever their source, `batch_size` at
+    a time: a frame waits until its batch fills (batch_size=1: never), its source ends or moves to another
+    size, or the input ends (see `streams`). `redetect_every` N > 1 (off by default): faster, finding new
+    faces only every N frames (`redetection`: its recall cost is in benchmarks/README.md)."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    detector = stream_detector(params, make_config(config, min_face_size, scale_factor, thresholds), batch_size,
+                               redetect_every)
+    return streams.detect_frames(streams.numbered(frames, 4 * detector.batch_size), detector, strict=strict)
+
+
 def with_crops(image: Any, det: Detections | ImageError, template: Any, size: Any = None,
                margin: float = 0.0) -> Detections | ImageError:
     """`det` with its faces' aligned crops (`align.align` to `template`), or as it is when template is None."""
@@ -279,18 +265,27 @@ def _compiling(n: int) -> str:
 
 @cli.entry(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: detect faces in images and folders (`detect_flags.EPILOG` says what it checks and writes).
+    """CLI: detect faces in images, videos and folders (`detect_flags.EPILOG` says what it checks and writes;
+    videos run first, in `video.main`).
     Each chunk's images are loaded, run and written before the next; the buckets the files need are
     planned from their headers and compiled on a background thread while the compiled ones run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
     check_crops(parser, args)
-    files, skipped = list_inputs(args.inputs)
+    files, videos, skipped = video.split_inputs(args.inputs, *list_inputs(args.inputs))
     if skipped:
         print(skipped_line(skipped), file=sys.stderr)
+    if not files and not videos:
+        raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)}; "
+                           f"videos: {' '.join(video.VIDEO_SUFFIXES)})")
+    for flag in ("every", "redetect_every"):
+        if getattr(args, flag) != 1 and not videos:
+            parser.error(f"--{flag.replace('_', '-')} is for videos: the inputs hold none")
+    detector_of = functools.partial(stream_detector, args.weights, cfg, redetect_every=args.redetect_every)
+    videos_failed = video.main(parser, args, videos, files, detector_of) if videos else 0
     if not files:
-        raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)})")
+        return videos_failed
     copies = first_copies(files)
     errors: dict[int, ImageError] = {i: ImageError(
         f"{files[i]}: {'given' if files[i] == files[j] else f'the same file as {files[j]}'} twice; its results "
@@ -351,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     report(f"{files[i]}: {_summary(det)}", err=False)
             bar.update(len(chunk))
     print(f"{done} images, {faces} faces, {len(errors)} errors" + (f" (written to {args.json})" if args.json else ""))
-    return 1 if errors else 0
+    return 1 if errors or videos_failed else 0
 
 
 if __name__ == "__main__":

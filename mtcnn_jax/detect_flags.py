@@ -11,13 +11,14 @@ from mtcnn_jax import compile_cache
 from mtcnn_jax.align import TEMPLATES, crop_geometry
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, THRESHOLDS
+from mtcnn_jax.video_io import VIDEO_SUFFIXES
 
 PROG = "python -m mtcnn_jax.detect"
 # Which CascadeConfig field bounds each stage that detect_bucket reports overflow for.
 CAPACITY_FIELDS = {"window": "window_capacity", "pnet": "pnet_capacity",
                    "rnet": "rnet_capacity", "faces": "max_faces"}
 
-EPILOG = """\
+EPILOG = ("""\
 Exit code 0 when every image was processed, 1 when any failed, 2 for a bad flag or output path.
 Before any image is read, every flag is checked, and so are the --json file and the --draw folder (a folder
 given for a file or the reverse, a place that cannot be written, files that exist: refused unless
@@ -29,7 +30,20 @@ every image: {path: {"boxes": [[x1, y1, x2, y2, score], ...], "landmarks": [[[x,
 "crops": [OUT_DIR/IMAGE_k.png per face], "crop_matrices": [2x3 image -> crop matrix per face] (with --crops)}}.
 Grayscale, alpha, palette, CMYK and 16-bit images are converted to 8-bit RGB (alpha on white) unless
 --strict. Drawings and crops mirror the inputs' paths below their deepest common folder, renamed (x-2.png)
-where two would collide."""
+where two would collide.
+
+Videos (%s)
+are decoded with PyAV and their frames run through one compiled bucket, batched. --json OUT.jsonl gets
+one JSON line per detected frame as it is done, {"video": path, "frame": index, "time": seconds, "boxes",
+"landmarks", "overflow"} as above, and after each video's last frame {"video", "frames", "detected",
+"faces"}, or {"video", "error", "frames"} for a video that could not be read (exit code 1; the other videos
+still run). --draw OUT.mp4 (one video) or OUT_DIR writes the annotated videos at the inputs' size, frame
+rate and time stamps. --every N runs the cascade on frames 0, N, 2N, ...: the others get no JSON line and
+are drawn with the last detected frame's boxes. --redetect-every N runs the whole cascade on every Nth
+detected frame and R-Net and O-Net around the last faces in between (faster; new faces wait for the next
+whole frame). Video frames are padded to multiples of 16 pixels, not the bucket ladder, unless
+--bucket-multiple is given. Images and videos together both run (videos first) when
+nothing is written; with --json, --draw or --crops (images only) they are refused: run them separately.""" % " ".join(VIDEO_SUFFIXES))
 
 
 def capacity_flag(field_name: str) -> str:
@@ -48,18 +62,26 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
-    p = argparse.ArgumentParser(prog=PROG, description="Detect faces and their five landmarks (MTCNN) in images "
-                                "and folders.", epilog=EPILOG, formatter_class=_Help)
+    p = argparse.ArgumentParser(prog=PROG, description="Detect faces and their five landmarks (MTCNN) in images, "
+                                "videos and folders.", epilog=EPILOG, formatter_class=_Help)
     defaults = CascadeConfig()
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image or video files or folders (searched recursively)")
     p.add_argument("--weights", default=None, help="an Orbax cascade checkpoint folder (default: the original weights)")
     p.add_argument("--min-face-size", type=float, default=MIN_FACE_SIZE, help="smallest face side looked for, px")
     p.add_argument("--scale-factor", type=float, default=SCALE_FACTOR, help="image pyramid step, in (0, 1)")
     p.add_argument("--thresholds", type=float, nargs=3, default=THRESHOLDS, metavar=("T1", "T2", "T3"),
                    help="P-Net, R-Net and O-Net score thresholds, each in (0, 1]")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images of one bucket run together (default: 1 on CPU, where larger batches run "
-                        "slower per image, 8 on accelerators)")
+                   help="images (video frames) of one bucket run together (default: 1 on CPU, where larger "
+                        "batches run slower per image, 8 on accelerators)")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="videos: run the cascade on every Nth frame (0, N, 2N, ...); the frames between have no "
+                        "JSON line and are drawn with the last detected frame's boxes")
+    p.add_argument("--redetect-every", type=int, default=1, metavar="N",
+                   help="videos: the whole cascade on every Nth detected frame of a video (and whenever a face is "
+                        "lost), R-Net and O-Net around the last frame's faces in between: faster, but faces that "
+                        "appear are found only at the next whole frame (1: off)")
     p.add_argument("--bucket-multiple", type=int, default=defaults.bucket_multiple, metavar="N",
                    help="0 (default): pad image sides up to the bucket ladder 128, 192, 256, 384, 512, 768, "
                         "1024, ... (few compiles); N: up to multiples of N (less padding, one compile per "
@@ -73,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(capacity_flag(field_name), type=int, default=default, metavar="N",
                        help=f"CascadeConfig.{field_name}" + ("" if default else " (default: from the bucket's area)"))
     p.add_argument("--json", default=None, metavar="OUT.json",
-                   help="write {path: detections or error} here, one entry a line as each image is done "
-                        "(default: print one line per image)")
+                   help="write {path: detections or error} here, one entry a line as each image is done; for "
+                        "videos OUT.jsonl, one JSON line per frame (default: print one line per image or video)")
     p.add_argument("--draw", default=None, metavar="OUT_DIR",
-                   help="write annotated copies here, mirroring the inputs' folders (default: none)")
+                   help="write annotated copies here, mirroring the inputs' folders; for one video a file such "
+                        "as OUT.mp4 (default: none)")
     p.add_argument("--crops", default=None, metavar="OUT_DIR",
                    help="write each face's aligned crop here as IMAGE_k.png (k: the face's index in the JSON), "
                         "mirroring the inputs' folders, and list them in the JSON (default: none)")
@@ -91,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the --json file, drawings and crops that exist")
     p.add_argument("--strict", action="store_true",
-                   help="refuse images that are not 8-bit RGB instead of converting them")
+                   help="refuse images that are not 8-bit RGB instead of converting them (images only: "
+                        "video frames are decoded to RGB)")
     return p
 
 
@@ -113,6 +137,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The CascadeConfig of the flags; a value out of range is parser.error naming its flag."""
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("every", "redetect_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     flags = {f: getattr(args, f) for f in (*CAPACITY_FIELDS.values(), "min_face_size", "scale_factor",
                                            "bucket_multiple", "mirror_landmarks")}
     try:

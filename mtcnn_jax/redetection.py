@@ -11,14 +11,16 @@ are found at the next full one: that, and faces lost without the count dropping,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from mtcnn_jax import buckets, compiled
+from mtcnn_jax import buckets
+from mtcnn_jax.buckets import Bucket
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.detect import Detections, detect_slice, run_batch
+from mtcnn_jax.detections import Detections, redetect_batch, run_batch
 
 
 @dataclass
@@ -30,14 +32,27 @@ class _Stream:
 @dataclass
 class Redetector:
     """Per-source state of re-detection: the whole cascade every `every` frames (1: always, as without
-    re-detection), re-detection around the last faces in between. `full_runs` and `redetect_runs` count
-    the frames each way (a lost face's frame counts in both)."""
+    re-detection), re-detection around the last faces in between. `full(frames, bucket)` and
+    `around(frames, bucket, boxes)` run one batch of a bucket each way (`detections.run_batch` and
+    `redetect_batch` with their params and config bound: `Redetector.of`). `full_runs` and
+    `redetect_runs` count the frames each way (a lost face's frame counts in both)."""
 
     every: int
+    full: Callable[[list[np.ndarray], Bucket], list[Detections]]
+    around: Callable[[list[np.ndarray], Bucket, list[np.ndarray]], list[Detections]]
+    config: CascadeConfig = CascadeConfig()
     batch_size: int = field(default_factory=buckets.default_batch_size)
     streams: dict[Hashable, _Stream] = field(default_factory=dict)
     full_runs: int = 0
     redetect_runs: int = 0
+
+    @staticmethod
+    def of(params: Any, every: int, config: CascadeConfig = CascadeConfig(),
+           batch_size: int | None = None) -> "Redetector":
+        """A Redetector running the cascade with these params (a device param tree) and config."""
+        return Redetector(every, functools.partial(run_batch, params, config=config),
+                          functools.partial(redetect_batch, params, config=config), config,
+                          batch_size or buckets.default_batch_size())
 
     def __post_init__(self):
         if int(self.every) != self.every or self.every < 1:
@@ -48,53 +63,67 @@ class Redetector:
         stream = self.streams.get(source)
         return stream is None or stream.since_full + 1 >= self.every or len(stream.boxes_Kx4) == 0
 
-    def detect(self, params: Any, frames: Sequence[np.ndarray], sources: Sequence[Hashable],
-               config: CascadeConfig = CascadeConfig()) -> list[Detections]:
+    def detect(self, frames: Sequence[np.ndarray], sources: Sequence[Hashable]) -> list[Detections]:
         """Detections for one frame of each of `sources` (distinct; frames of one size share a bucket):
         whole cascades where `needs_full` says so, re-detection for the others, whole cascades again
         for those that lost a face."""
         if len(set(sources)) != len(sources) or len(frames) != len(sources):
             raise ValueError("detect takes one frame per source, each source once")
         full = [i for i, s in enumerate(sources) if self.needs_full(s)]
-        out: dict[int, Detections] = dict(zip(full, self._full(params, [frames[i] for i in full], config)))
+        out: dict[int, Detections] = dict(zip(full, self._full([frames[i] for i in full])))
         rest = [i for i in range(len(frames)) if i not in out]
-        for i, det in zip(rest, self._redetect(params, [frames[i] for i in rest], [sources[i] for i in rest], config)):
+        for i, det in zip(rest, self._redetect([frames[i] for i in rest], [sources[i] for i in rest])):
             if len(det) < len(self.streams[sources[i]].boxes_Kx4):
                 continue  # a face lost: this frame runs whole below
             out[i] = det
             self.streams[sources[i]].since_full += 1
             self.streams[sources[i]].boxes_Kx4 = det.boxes
         lost = [i for i in range(len(frames)) if i not in out]
-        out |= dict(zip(lost, self._full(params, [frames[i] for i in lost], config)))
+        out |= dict(zip(lost, self._full([frames[i] for i in lost])))
         for i in full + lost:
             self.streams[sources[i]] = _Stream(out[i].boxes, 0)
         return [out[i] for i in range(len(frames))]
 
-    def _batches(self, frames: Sequence[np.ndarray], config: CascadeConfig) -> list[tuple[tuple, list[int]]]:
+    def _batches(self, frames: Sequence[np.ndarray]) -> list[tuple[Bucket, list[int]]]:
         """Frames' indices per bucket, in batches of `buckets.batch_sizes` (few distinct batch shapes)."""
         groups: dict[tuple, list[int]] = {}
         for i, frame in enumerate(frames):
-            groups.setdefault(buckets.bucket_shape(*frame.shape[:2], config), []).append(i)
+            groups.setdefault(buckets.bucket_shape(*frame.shape[:2], self.config), []).append(i)
         out = []
         for bucket, idx in groups.items():
             starts = np.cumsum([0, *buckets.batch_sizes(len(idx), self.batch_size)])
             out += [(bucket, idx[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         return out
 
-    def _full(self, params: Any, frames: Sequence[np.ndarray], config: CascadeConfig) -> list[Detections]:
+    def _full(self, frames: Sequence[np.ndarray]) -> list[Detections]:
         self.full_runs += len(frames)
         out: dict[int, Detections] = {}
-        for bucket, idx in self._batches(frames, config):
-            out |= dict(zip(idx, run_batch(params, [frames[i] for i in idx], bucket, config)))
+        for bucket, idx in self._batches(frames):
+            out |= dict(zip(idx, self.full([frames[i] for i in idx], bucket)))
         return [out[i] for i in range(len(frames))]
 
-    def _redetect(self, params: Any, frames: Sequence[np.ndarray], sources: Sequence[Hashable],
-                  config: CascadeConfig) -> list[Detections]:
+    def _redetect(self, frames: Sequence[np.ndarray], sources: Sequence[Hashable]) -> list[Detections]:
         self.redetect_runs += len(frames)
         out: dict[int, Detections] = {}
-        for bucket, idx in self._batches(frames, config):
-            images_BxHxWx3, sizes_Bx2 = buckets.pad_to_bucket([frames[i] for i in idx], bucket)
-            found = compiled.redetect_bucket(params, images_BxHxWx3, sizes_Bx2,
-                                             [self.streams[sources[i]].boxes_Kx4 for i in idx], config)
-            out |= {i: detect_slice(found, b) for b, i in enumerate(idx)}
+        for bucket, idx in self._batches(frames):
+            boxes = [self.streams[sources[i]].boxes_Kx4 for i in idx]
+            out |= dict(zip(idx, self.around([frames[i] for i in idx], bucket, boxes)))
         return [out[i] for i in range(len(frames))]
+
+
+def batch_runner(tracker: Redetector) -> Callable[[list[np.ndarray], Bucket, list[Hashable | None]], list]:
+    """`streams.Detector.run` with re-detection: a batch's frames of different sources run together, the
+    frames of one source one after another (each needs the faces of the one before); padding (source None)
+    gets no result."""
+
+    def run(frames: list[np.ndarray], bucket: Bucket, sources: list[Hashable | None]) -> list:
+        out: list = [None] * len(frames)
+        left = [i for i, s in enumerate(sources) if s is not None]
+        while left:
+            firsts = sorted({sources[i]: i for i in reversed(left)}.values())  # each source's earliest
+            for i, det in zip(firsts, tracker.detect([frames[i] for i in firsts], [sources[i] for i in firsts])):
+                out[i] = det
+            left = [i for i in left if out[i] is None]
+        return out
+
+    return run

@@ -354,7 +354,7 @@ def test_drawing(tmp_path):
                      np.full((1, 5, 2), 20, np.float32))
     out = annotate_image(img, det)
     assert out.size == (80, 60) and (np.asarray(out) != img).any()
-    assert (np.asarray(annotate_image(img, detect._empty_detections({}))) == img).all()
+    assert (np.asarray(annotate_image(img, detect.empty_detections({}))) == img).all()
     fig = draw_detections(img, det, path=tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0 and len(fig.axes[0].patches) == 1
     fig2 = draw_detections(img, np.array([[10, 10, 40, 50, 0.8]]))
@@ -446,7 +446,7 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
     monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes: seen.append(cfg) or
-                        [detect._empty_detections({}) for _ in images])
+                        [detect.empty_detections({}) for _ in images])
     assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
     assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20
     assert (seen[0].window_capacity, seen[0].pnet_capacity, seen[0].rnet_capacity) == (None, None, 512)

@@ -8,8 +8,8 @@ from PIL import Image
 
 from mtcnn_jax import boxes as bx
 from mtcnn_jax import cascade
-from mtcnn_jax.detect import detect
-from mtcnn_jax.redetection import Redetector
+from mtcnn_jax.detect import Detections, detect
+from mtcnn_jax.redetection import Redetector, batch_runner
 
 
 def test_candidates_around_a_face_by_hand():
@@ -26,7 +26,7 @@ def test_candidates_around_a_face_by_hand():
 def test_every_must_be_a_whole_number():
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="every"):
-            Redetector(every=bad)
+            Redetector.of({}, every=bad)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def frames(shared_data):
 
 
 def test_redetection_follows_the_face_and_reruns_when_it_is_lost(frames, original_weights):
-    tracker = Redetector(every=3, batch_size=1)
-    found = [tracker.detect(original_weights, [f], ["cam"])[0] for f in frames]
+    tracker = Redetector.of(original_weights, every=3, batch_size=1)
+    found = [tracker.detect([f], ["cam"])[0] for f in frames]
     whole = [detect(f, original_weights) for f in frames]
     assert [len(d) for d in whole] == [1, 1, 1, 1, 0]
     assert [len(d) for d in found] == [1, 1, 1, 1, 0]
@@ -55,10 +55,32 @@ def test_redetection_follows_the_face_and_reruns_when_it_is_lost(frames, origina
 
 
 def test_sources_keep_their_own_state(frames, original_weights):
-    tracker = Redetector(every=10, batch_size=2)
-    a = tracker.detect(original_weights, [frames[0], frames[4]], ["a", "b"])
+    tracker = Redetector.of(original_weights, every=10, batch_size=2)
+    a = tracker.detect([frames[0], frames[4]], ["a", "b"])
     assert [len(d) for d in a] == [1, 0] and tracker.full_runs == 2
-    b = tracker.detect(original_weights, [frames[1], frames[4]], ["a", "b"])  # "b" has no face to look around
+    b = tracker.detect([frames[1], frames[4]], ["a", "b"])  # "b" has no face to look around
     assert [len(d) for d in b] == [1, 0] and (tracker.full_runs, tracker.redetect_runs) == (3, 1)
     with pytest.raises(ValueError, match="each source once"):
-        tracker.detect(original_weights, [frames[0], frames[1]], ["a", "a"])
+        tracker.detect([frames[0], frames[1]], ["a", "a"])
+
+
+def test_batch_runner_runs_each_sources_frames_in_order_and_skips_padding():
+    calls = []
+
+    def full(frames, bucket):
+        calls.append(("full", [int(f[0, 0, 0]) for f in frames]))
+        return [Detections(np.array([[1, 1, 30, 30]], np.float32), np.ones(1, np.float32),
+                           np.zeros((1, 5, 2), np.float32)) for _ in frames]
+
+    def around(frames, bucket, boxes):
+        calls.append(("around", [int(f[0, 0, 0]) for f in frames]))
+        return [Detections(b, np.ones(len(b), np.float32), np.zeros((len(b), 5, 2), np.float32)) for b in boxes]
+
+    run = batch_runner(Redetector(every=3, full=full, around=around, batch_size=4))
+    frame = lambda v: np.full((40, 40, 3), v, np.uint8)  # noqa: E731
+    out = run([frame(1), frame(2), frame(10), frame(3), frame(3)], (128, 128), ["a", "a", "b", "a", None])
+    assert [len(d) for d in out[:4]] == [1, 1, 1, 1] and out[4] is None  # padding: no result
+    # a's frames one after another, b's first with a's first; whole frames are each source's 0, 3, 6, ...
+    assert calls == [("full", [1, 10]), ("around", [2]), ("around", [3])]
+    out = run([frame(4), frame(11)], (128, 128), ["a", "b"])
+    assert calls[3:] == [("full", [4]), ("around", [11])]  # "a" at its frame 3: whole
