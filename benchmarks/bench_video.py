@@ -3,7 +3,8 @@
 facenet-pytorch's README protocol on this machine: the frames of a clip decoded in memory, detected
 batched and one by one, frames/s, at 540x960, 720x1280 and 1080x1920, all in one run. Ours runs the
 whole cascade on every frame (one bucket fitted to the frame size, compiled once: its compile is
-reported apart) at each --batches size, and with re-detection every N frames (`redetection.Redetector`),
+reported apart) at each --batches size (`detect.detect_stream`), and with re-detection every N frames
+(`detect_stream(..., redetect_every=N)`),
 whose recall is measured against the whole cascade's faces on the same frames (IoU >= 0.5).
 The clip: --clip FILE (decoded and resized to each size), else one made by make_clip.py from the shared
 photos (no real clip ships with the shared data; the output says which).
@@ -32,8 +33,7 @@ import make_clip  # noqa: E402
 
 from mtcnn_jax import boxes as bx  # noqa: E402
 from mtcnn_jax.cascade_config import CascadeConfig  # noqa: E402
-from mtcnn_jax.detect import detect_batch, resolve_params  # noqa: E402
-from mtcnn_jax.redetection import Redetector  # noqa: E402
+from mtcnn_jax.detect import detect_stream, resolve_params  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEERS_SHIM = "/work/shared/tools/peers/shim"
@@ -75,22 +75,23 @@ def timed(fn):
 
 def bench_size(frames: list[np.ndarray], args: argparse.Namespace, params, workdir: Path) -> dict:
     """Ours (batches, re-detection) and facenet-pytorch on one size's frames."""
-    config = CascadeConfig(bucket_multiple=16)  # one size for all frames: the bucket fits it
+    config = CascadeConfig()  # detect_stream fits the bucket to the frames (buckets.STREAM_BUCKET_MULTIPLE)
     n, row = len(frames), {"frames": len(frames), "size": "x".join(map(str, frames[0].shape[:2]))}
+
+    def stream(batch: int, every: int | None = None, upto: int = n) -> list:
+        pairs = [("clip", f) for f in frames[:upto]]
+        return [d for _, _, d in detect_stream(pairs, params, config=config, batch_size=batch, redetect_every=every)]
+
     full = None
     for batch in args.batches:
-        row[f"ours_b{batch}_first_s"], _ = timed(lambda: detect_batch(frames[:batch], params, config=config,
-                                                                      batch_size=batch))
-        seconds, dets = timed(lambda: detect_batch(frames, params, config=config, batch_size=batch))
+        row[f"ours_b{batch}_first_s"], _ = timed(lambda: stream(batch, upto=batch))  # the compile
+        seconds, dets = timed(lambda: stream(batch))
         row[f"ours_b{batch}_fps"], full = n / seconds, full or dets
     for every in args.every:
-        tracker = Redetector.of(params, every, config, batch_size=1)
-        tracker.detect(frames[:1], ["warm-up"])  # compiles the re-detection program
-        tracker.detect(frames[1:2], ["warm-up"])
-        seconds, dets = timed(lambda: [tracker.detect([f], ["clip"])[0] for f in frames])
+        stream(1, every, upto=2)  # compiles the re-detection program
+        seconds, dets = timed(lambda: stream(1, every))
         row[f"redetect{every}_fps"] = n / seconds
         row[f"redetect{every}_recall"], row[f"redetect{every}_extra"] = recall(full, dets)
-        row[f"redetect{every}_full_frames"] = tracker.full_runs
     row["ours_faces"] = sum(len(d) for d in full)
     if not args.no_peers:
         npy, out = workdir / f"frames_{row['size']}.npy", workdir / f"facenet_{row['size']}.json"

@@ -162,6 +162,9 @@ REDETECT_OFFSETS = ((0.0, 0.0, 1.0), (-0.25, 0.0, 1.0), (0.25, 0.0, 1.0), (0.0, 
                     (0.0, 0.0, 1.25))
 
 
+REDETECT_FACES = 64  # faces re-detection follows per image (a frame with more runs the whole cascade)
+
+
 def redetect_candidates(boxes_Kx4, valid_K):
     """R-Net's candidates around faces seen before: each box squared, then every REDETECT_OFFSETS variant,
     face by face (K * V slots, valid faces' slots first, as `_run_in_chunks` needs)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from mtcnn_jax import compile_cache
 from mtcnn_jax.buckets import Bucket
-from mtcnn_jax.cascade import cascade_fn, redetect_fn
+from mtcnn_jax.cascade import REDETECT_FACES, cascade_fn, redetect_fn
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.pyramid import PyramidPlan, image_plan
 from mtcnn_jax.stages import INPUT_SIZE, STAGES
@@ -57,11 +57,11 @@ REDETECT = "redetect"  # compiled_cascade's `upto` for the re-detection program 
 
 def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes of `redetect_fn`'s arguments for one bucket: the previous faces in
-    config.max_faces slots per image."""
+    `cascade.REDETECT_FACES` slots per image."""
     struct = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
     return (jax.tree_util.tree_map(struct, params), jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8),
-            jax.ShapeDtypeStruct((batch, 2), np.int32), jax.ShapeDtypeStruct((batch, config.max_faces, 4), np.float32),
-            jax.ShapeDtypeStruct((batch, config.max_faces), np.bool_))
+            jax.ShapeDtypeStruct((batch, 2), np.int32), jax.ShapeDtypeStruct((batch, REDETECT_FACES, 4), np.float32),
+            jax.ShapeDtypeStruct((batch, REDETECT_FACES), np.bool_))
 
 
 def _export(arguments: tuple, config: CascadeConfig, upto: str,
@@ -149,17 +149,19 @@ def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarra
 
 def redetect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray, boxes: Sequence[np.ndarray],
                     config: CascadeConfig = CascadeConfig()) -> dict:
-    """Re-detect the faces `boxes[b]` (each (K, 4), 1-based boxes of a previous frame, K <= max_faces) in
+    """Re-detect the faces `boxes[b]` (each (K, 4), 1-based boxes of a previous frame, K <= REDETECT_FACES) in
     a batch of images padded into one bucket: `redetect_fn`'s R-Net and O-Net around them. Returns what
     `detect_bucket` does; compiled once per (bucket, batch size, config)."""
     images = np.asarray(images_BxHxWx3)
     sizes = np.asarray(sizes_Bx2, np.int32).reshape(-1, 2)
     if images.dtype != np.uint8 or images.ndim != 4 or len(sizes) != len(images) or len(boxes) != len(images):
         raise ValueError("redetect_bucket needs uint8 images (B, H, W, 3), their sizes (B, 2) and B box arrays")
-    slots = np.zeros((len(images), config.max_faces, 4), np.float32)
-    valid = np.zeros((len(images), config.max_faces), bool)
+    slots = np.zeros((len(images), REDETECT_FACES, 4), np.float32)
+    valid = np.zeros((len(images), REDETECT_FACES), bool)
     for b, faces in enumerate(boxes):
-        faces = np.asarray(faces, np.float32).reshape(-1, 4)[: config.max_faces]
+        faces = np.asarray(faces, np.float32).reshape(-1, 4)
+        if len(faces) > REDETECT_FACES:
+            raise ValueError(f"re-detection follows at most {REDETECT_FACES} faces per image, got {len(faces)}")
         slots[b, : len(faces)], valid[b, : len(faces)] = faces, True
     run = compiled_cascade(params, images.shape[1:3], len(images), config, REDETECT)
     return jax.tree_util.tree_map(np.asarray, run(params, images, sizes, slots, valid))

@@ -4,9 +4,10 @@ Consecutive frames hold the same faces a few pixels apart, so most of a frame's 
 P-Net, only finds again what the last frame found. `Redetector` runs the whole cascade on a stream's first
 frame, every `every` frames after it, and on any frame where re-detection finds fewer faces than the frame
 before (a face lost: the frame is run again whole); on the other frames `compiled.redetect_bucket` looks
-only around the previous faces (`cascade.redetect_candidates`). Faces that enter between two full frames
-are found at the next full one: that, and faces lost without the count dropping, is the recall it costs
-(benchmarks/README.md, "Video"). Off by default.
+only around the previous faces (`cascade.redetect_candidates`; a stream without faces costs nothing until
+its next whole frame, one with more than `cascade.REDETECT_FACES` runs whole). Faces that enter between two
+whole frames are found at the next one: that, and faces lost without the count dropping, is the recall it
+costs (benchmarks/README.md, "Video"). Off by default.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from mtcnn_jax import buckets
+from mtcnn_jax import buckets, cascade
 from mtcnn_jax.buckets import Bucket
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.detections import Detections, redetect_batch, run_batch
+from mtcnn_jax.detections import Detections, empty_detections, redetect_batch, run_batch
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Redetector:
     def needs_full(self, source: Hashable) -> bool:
         """Whether the source's next frame runs the whole cascade."""
         stream = self.streams.get(source)
-        return stream is None or stream.since_full + 1 >= self.every or len(stream.boxes_Kx4) == 0
+        return (stream is None or stream.since_full + 1 >= self.every
+                or len(stream.boxes_Kx4) > cascade.REDETECT_FACES)
 
     def detect(self, frames: Sequence[np.ndarray], sources: Sequence[Hashable]) -> list[Detections]:
         """Detections for one frame of each of `sources` (distinct; frames of one size share a bucket):
@@ -104,8 +106,10 @@ class Redetector:
 
     def _redetect(self, frames: Sequence[np.ndarray], sources: Sequence[Hashable]) -> list[Detections]:
         self.redetect_runs += len(frames)
-        out: dict[int, Detections] = {}
-        for bucket, idx in self._batches(frames):
+        looked = [i for i in range(len(frames)) if len(self.streams[sources[i]].boxes_Kx4)]
+        out: dict[int, Detections] = {i: empty_detections({}) for i in range(len(frames)) if i not in looked}
+        for bucket, idx in self._batches([frames[i] for i in looked]):
+            idx = [looked[k] for k in idx]
             boxes = [self.streams[sources[i]].boxes_Kx4 for i in idx]
             out |= dict(zip(idx, self.around([frames[i] for i in idx], bucket, boxes)))
         return [out[i] for i in range(len(frames))]

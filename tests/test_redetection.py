@@ -58,8 +58,8 @@ def test_sources_keep_their_own_state(frames, original_weights):
     tracker = Redetector.of(original_weights, every=10, batch_size=2)
     a = tracker.detect([frames[0], frames[4]], ["a", "b"])
     assert [len(d) for d in a] == [1, 0] and tracker.full_runs == 2
-    b = tracker.detect([frames[1], frames[4]], ["a", "b"])  # "b" has no face to look around
-    assert [len(d) for d in b] == [1, 0] and (tracker.full_runs, tracker.redetect_runs) == (3, 1)
+    b = tracker.detect([frames[1], frames[4]], ["a", "b"])  # "b" has no face to look around: nothing runs
+    assert [len(d) for d in b] == [1, 0] and (tracker.full_runs, tracker.redetect_runs) == (2, 2)
     with pytest.raises(ValueError, match="each source once"):
         tracker.detect([frames[0], frames[1]], ["a", "a"])
 
@@ -84,3 +84,14 @@ def test_batch_runner_runs_each_sources_frames_in_order_and_skips_padding():
     assert calls == [("full", [1, 10]), ("around", [2]), ("around", [3])]
     out = run([frame(4), frame(11)], (128, 128), ["a", "b"])
     assert calls[3:] == [("full", [4]), ("around", [11])]  # "a" at its frame 3: whole
+
+
+def test_more_faces_than_followed_run_whole():
+    many = cascade.REDETECT_FACES + 1
+    full = lambda frames, bucket: [Detections(np.tile([[1.0, 1, 30, 30]], (many, 1)).astype(np.float32),  # noqa: E731
+                                              np.ones(many, np.float32), np.zeros((many, 5, 2), np.float32))
+                                   for _ in frames]
+    tracker = Redetector(every=10, full=full, around=lambda *a: pytest.fail("re-detected"), batch_size=1)
+    for _ in range(3):
+        tracker.detect([np.zeros((40, 40, 3), np.uint8)], ["crowd"])
+    assert (tracker.full_runs, tracker.redetect_runs) == (3, 0)
