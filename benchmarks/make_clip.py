@@ -60,6 +60,7 @@ def clip_frames(frame_hw: tuple[int, int], frames_per_photo: int, photos: int, s
 def write_clip(path: Path, frame_hw: tuple[int, int], frames_per_photo: int = 24, photos: int = 12) -> int:
     """Encode the clip to `path` (H.264, yuv420p, 30 frames/s); returns the frame count."""
     n = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=FPS)
         stream.height, stream.width = frame_hw
