@@ -26,10 +26,11 @@ from mtcnn_jax.pyramid import PyramidPlan, image_plan
 from mtcnn_jax.stages import INPUT_SIZE, STAGES
 
 
-def _compiler_options() -> dict[str, Any]:
-    """XLA:CPU's newer fusion emitters compile this graph about 1.5x slower for no run-time gain
-    (benchmarks/README.md); other backends get their defaults."""
-    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
+def compiler_options(platform: str | None = None) -> dict[str, Any]:
+    """The XLA options the cascade compiles with on `platform` (default: this machine's backend): XLA:CPU's
+    newer fusion emitters compile this graph about 1.5x slower for no run-time gain (benchmarks/README.md);
+    other backends get their defaults."""
+    return {"xla_cpu_use_fusion_emitters": False} if (platform or jax.default_backend()) == "cpu" else {}
 
 
 def bucket_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
@@ -109,7 +110,7 @@ def _compile(key: tuple, arguments: tuple) -> Callable:
     """The stored executable of `compiled_cascade`'s key, else the cascade exported (or its stored export
     loaded) and compiled ahead of time for these argument shapes."""
     _, _, config, upto, _ = key
-    options = _compiler_options()
+    options = compiler_options()
 
     def build() -> jax.stages.Compiled:
         exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))

@@ -39,7 +39,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline
