@@ -7,9 +7,10 @@ reported apart) at each --batches size (`detect.detect_stream`), and with re-det
 (`detect_stream(..., redetect_every=N)`),
 whose recall is measured against the whole cascade's faces on the same frames (IoU >= 0.5).
 The clip: --clip FILE (decoded and resized to each size), else one made by make_clip.py from the shared
-photos (no real clip ships with the shared data; the output says which).
+photos (no real clip ships with the shared data; the output says which), in shots of --shot frames (2 s:
+TV and film shots run a few seconds, camera streams have no cuts; every cut costs re-detection recall).
 
-Usage: PYTHONPATH=. python benchmarks/bench_video.py [--clip FILE] [--frames 48] [--sizes 540x960,...]
+Usage: PYTHONPATH=. python benchmarks/bench_video.py [--clip FILE] [--frames 120] [--shot 60] [--sizes 540x960,...]
        [--batches 1,4] [--every 5,10] [--no-peers] [--json OUT]
 """
 
@@ -109,7 +110,8 @@ def bench_size(frames: list[np.ndarray], args: argparse.Namespace, params, workd
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clip", type=Path)
-    p.add_argument("--frames", type=int, default=48)
+    p.add_argument("--frames", type=int, default=120)
+    p.add_argument("--shot", type=int, default=60, help="frames per photo (a shot: 2 s at 30 frames/s) of the made clip")
     p.add_argument("--sizes", default="540x960,720x1280,1080x1920")
     p.add_argument("--batches", default="1,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--every", default="5,10", type=lambda s: [int(v) for v in s.split(",")])
@@ -124,9 +126,9 @@ def main() -> None:
         for size in args.sizes.split(","):
             hw = tuple(int(v) for v in size.split("x"))
             clip = args.clip
-            if clip is None:  # frames_per_photo 24: several cuts within the frames
+            if clip is None:
                 clip = Path(tmp) / f"clip_{size}.mp4"
-                make_clip.write_clip(clip, hw, photos=-(-args.frames // 24))
+                make_clip.write_clip(clip, hw, args.shot, photos=-(-args.frames // args.shot))
             rows.append(bench_size(decode(clip, hw, args.frames), args, params, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     print(f"clip: {args.clip or 'made by make_clip.py from the shared photos (no real clip at hand)'}")
