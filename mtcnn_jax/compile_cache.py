@@ -26,7 +26,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from jax.experimental import serialize_executable
@@ -114,25 +114,36 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def exported(key: str, build: Callable[[], jax.export.Exported]) -> tuple[jax.export.Exported, bool]:
-    """The export stored under `key` (with the code fingerprint and backend) if there is one, else
-    `build()`, stored for next time. Returns it and whether it came from disk. A damaged entry is rebuilt."""
+def _stored(store: str, suffix: str, key: str, build: Callable[[], Any], load: Callable[[bytes], Any],
+            dump: Callable[[Any], bytes | None]) -> tuple[Any, bool]:
+    """What `store` holds under `key` (a digest + suffix, in the folder of this code's fingerprint), read by `load`,
+    else `build()`, written by `dump` (None: not kept). Returns it and whether it came from disk. A damaged
+    entry (truncated, foreign) is rebuilt; without a cache folder nothing is read or kept."""
     where = folder()
     if where is None:
         return build(), False
-    digest = hashlib.sha256(f"{jax.default_backend()}|{key}".encode()).hexdigest()[:32]
-    path = where / "exports" / code_fingerprint() / f"{digest}.jaxexport"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    path = where / store / code_fingerprint() / f"{digest}{suffix}"
     if path.is_file():
         try:
-            exp = jax.export.deserialize(bytearray(path.read_bytes()))
+            value = load(path.read_bytes())
         except Exception:  # a truncated or foreign file: rebuilt below
-            exp = None
-        if exp is not None:
+            value = None
+        if value is not None:
             _touch(path.parent)
-            return exp, True
-    exp = build()
-    _write_atomically(path, exp.serialize())
-    return exp, False
+            return value, True
+    value = build()
+    data = dump(value)
+    if data is not None:
+        _write_atomically(path, data)
+    return value, False
+
+
+def exported(key: str, build: Callable[[], jax.export.Exported]) -> tuple[jax.export.Exported, bool]:
+    """The export stored under `key` (with the code fingerprint and backend) if there is one, else
+    `build()`, stored for next time. Returns it and whether it came from disk."""
+    return _stored("exports", ".jaxexport", f"{jax.default_backend()}|{key}", build,
+                   lambda data: jax.export.deserialize(bytearray(data)), lambda exp: exp.serialize())
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,28 +164,17 @@ def machine_fingerprint() -> str:
 
 def executable(key: str, build: Callable[[], jax.stages.Compiled]) -> tuple[jax.stages.Compiled, bool]:
     """The compiled program stored under `key` (with the code and machine fingerprints) if there is one,
-    else `build()`, stored for next time. Returns it and whether it came from disk. A damaged entry is
-    rebuilt."""
-    where = folder()
-    if where is None:
-        return build(), False
-    digest = hashlib.sha256(f"{machine_fingerprint()}|{key}".encode()).hexdigest()[:32]
-    path = where / "executables" / code_fingerprint() / f"{digest}.xla"
-    if path.is_file():
-        try:
-            # Our own cache folder: its executables are native code run as is, so unpickling them adds no trust.
-            stored = pickle.loads(path.read_bytes())
-            compiled = serialize_executable.deserialize_and_load(*stored)
-        except Exception:  # a truncated or foreign file: rebuilt below
-            compiled = None
-        if compiled is not None:
-            _touch(path.parent)
-            return compiled, True
+    else `build()`, stored for next time. Returns it and whether it came from disk."""
     hits = _xla_cache_hits()
-    compiled = build()
-    if _xla_cache_hits() == hits:  # an executable JAX read from its own cache serializes incomplete: not kept
-        _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
-    return compiled, False
+
+    def dump(compiled: jax.stages.Compiled) -> bytes | None:
+        if _xla_cache_hits() != hits:  # an executable JAX read from its own cache serializes incomplete
+            return None
+        return pickle.dumps(serialize_executable.serialize(compiled))
+
+    # Our own cache folder: its executables are native code run as is, so unpickling them adds no trust.
+    return _stored("executables", ".xla", f"{machine_fingerprint()}|{key}", build,
+                   lambda data: serialize_executable.deserialize_and_load(*pickle.loads(data)), dump)
 
 
 _this_thread = threading.local()  # JAX reports a cache hit in the thread that compiles
