@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_crops(parser, args)
     files, videos, skipped = video.split_inputs(args.inputs, *list_inputs(args.inputs))
     if skipped:
-        print(skipped_line(skipped), file=sys.stderr)
+        print(skipped_line(skipped, video.VIDEO_SUFFIXES), file=sys.stderr)
     if not files and not videos:
         raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)}; "
                            f"videos: {' '.join(video.VIDEO_SUFFIXES)})")

@@ -225,11 +225,14 @@ def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[Path]]:
     return files, skipped
 
 
-def skipped_line(skipped: Sequence[Path]) -> str:
-    """The one line that says which files of the folders were not read, and why."""
+def skipped_line(skipped: Sequence[Path], video_suffixes: Sequence[str] = ()) -> str:
+    """The one line that says which files of the folders were not read, and why (`video_suffixes`: those
+    the caller reads as videos)."""
     names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-    return (f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} without an image suffix "
-            f"({' '.join(IMAGE_SUFFIXES)}; name a file to read it anyway): {names}")
+    kinds, videos = ("an image", "") if not video_suffixes else (
+        "an image or video", f"; videos: {' '.join(video_suffixes)}")
+    return (f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} without {kinds} suffix "
+            f"({' '.join(IMAGE_SUFFIXES)}{videos}; name a file to read it anyway): {names}")
 
 
 def first_copies(files: Sequence[str]) -> dict[int, int]:

@@ -110,7 +110,7 @@ def test_cli_processes_every_good_image_and_lists_every_failure(tmp_path, capsys
         assert list(result[path]) == ["error"] and words in result[path]["error"], (path, result[path])
         assert f"error: {path}: " in captured.err
     assert f"error: {given_twice}: given twice; its results are under {given_twice}" in captured.err  # one entry
-    assert "skipped 1 file without an image suffix" in captured.err and "readme.txt" in captured.err
+    assert "skipped 1 file without an image or video suffix" in captured.err and ".mp4" in captured.err and "readme.txt" in captured.err
     assert "Traceback" not in captured.err
     assert f"{len(good)} images, {len(good)} faces, {len(bad) + 1} errors" in captured.out
     evaluated = load_detections(out)  # the evaluators read it: a failed image found nothing
