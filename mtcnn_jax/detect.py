@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mtcnn_jax import buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained, redetection, streams, video
+from mtcnn_jax import (buckets, checkpoints, cli, compile_cache, compiled, outputs, pretrained, redetection, streams,
+                       video)
 from mtcnn_jax.align import align, crop_geometry
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
@@ -273,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
     check_crops(parser, args)
-    files, videos, skipped = video.split_inputs(args.inputs, *list_inputs(args.inputs))
+    listed, skipped = list_inputs(args.inputs, IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)
+    files, videos = video.split_inputs(listed)
     if skipped:
         print(skipped_line(skipped, video.VIDEO_SUFFIXES), file=sys.stderr)
     if not files and not videos:

@@ -208,17 +208,17 @@ def load_image(source: ImageSource, name: str | None = None, *, strict: bool = F
 
 # ---------------------------------------------------------------------------------------------- files
 
-def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[Path]]:
-    """The image paths to read: a file as given; a folder's entries with an image suffix, recursively,
-    sorted, each joined to the folder as given (a broken link among them is listed: loading says why).
-    Also the folders' other files, skipped (their names go in one line, `skipped_line`)."""
+def list_inputs(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> tuple[list[str], list[Path]]:
+    """The paths to read: a file as given; a folder's entries with one of `suffixes` (default: the image
+    ones), recursively, sorted, each joined to the folder as given (a broken link among them is listed:
+    loading says why). Also the folders' other files, skipped (their names go in one line, `skipped_line`)."""
     files, skipped = [], []
     for given in inputs:
         if not Path(given).is_dir():
             files.append(given)
             continue
         for p in sorted(Path(given).rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
+            if p.suffix.lower() in suffixes and not p.is_dir():
                 files.append(os.path.join(given, str(p.relative_to(given))))
             elif p.is_file():
                 skipped.append(p)

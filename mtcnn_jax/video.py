@@ -41,18 +41,10 @@ from mtcnn_jax.video_io import (DRAW_CODECS, VIDEO_SUFFIXES, Frame, VideoError, 
                                 is_video, probe, pyav, read_frames)
 
 
-def split_inputs(inputs: Sequence[str], files: list[str],
-                 skipped: list[Path]) -> tuple[list[str], list[str], list[Path]]:
-    """`images.list_inputs`'s files and skipped files split into the image files, the video files (named
-    ones, and the folders' ones sorted and joined to the folder as given) and the files skipped still."""
-    videos = []
-    for given in inputs:
-        if Path(given).is_dir():
-            videos += [os.path.join(given, str(p.relative_to(given))) for p in sorted(Path(given).rglob("*"))
-                       if is_video(p) and not p.is_dir()]
-        elif is_video(given):
-            videos.append(given)
-    return [f for f in files if not is_video(f)], videos, [p for p in skipped if not is_video(p)]
+def split_inputs(files: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`images.list_inputs(inputs, IMAGE_SUFFIXES + VIDEO_SUFFIXES)`'s files split into the image files and
+    the video files, each in the order listed."""
+    return [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
 
 
 def _draw_targets(draw: str, videos: Sequence[str], overwrite: bool) -> list[Path]:
