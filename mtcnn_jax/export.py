@@ -40,6 +40,7 @@ import numpy as np
 
 from mtcnn_jax import __version__, cli, compiled, export_runner
 from mtcnn_jax.cascade import cascade_fn
+from mtcnn_jax.checkpoint_integrity import named_arrays
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detect import resolve_params
 from mtcnn_jax.pyramid import PyramidPlan, level_sizes, level_taps, pyramid_scales
@@ -81,13 +82,12 @@ def traced_image_plan(sizes_Bx2: jax.Array, constants: dict[str, jax.Array], pla
 
 
 def flat_params(params: dict) -> dict[str, np.ndarray]:
-    """A param tree as {"pnet/conv1/conv/kernel": array, ...} (what weights.npz holds)."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = [str(getattr(k, "key", k)) for k in path]
-        if any("/" in k for k in keys):
-            raise ValueError(f"param name {keys} holds a '/': it cannot be flattened for the export")
-        flat["/".join(keys)] = np.asarray(leaf)
+    """A param tree as {"pnet/conv1/conv/kernel": array, ...} (`checkpoint_integrity.named_arrays`; what
+    weights.npz holds), refused when its names do not give the tree back (a name holding a '/')."""
+    flat = named_arrays(params)
+    if jax.tree_util.tree_structure(nested_params(flat)) != jax.tree_util.tree_structure(params):
+        raise ValueError("the param tree cannot be flattened for the export: its names do not give it back "
+                         "(a name holding a '/', or containers other than dicts)")
     return flat
 
 
