@@ -87,32 +87,27 @@ class Redetector:
         return [out[i] for i in range(len(frames))]
 
     def _batches(self, frames: Sequence[np.ndarray]) -> list[tuple[Bucket, list[int]]]:
-        """Frames' indices per bucket, in batches of `buckets.batch_sizes` (few distinct batch shapes)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, frame in enumerate(frames):
-            groups.setdefault(buckets.bucket_shape(*frame.shape[:2], self.config), []).append(i)
-        out = []
-        for bucket, idx in groups.items():
-            starts = np.cumsum([0, *buckets.batch_sizes(len(idx), self.batch_size)])
-            out += [(bucket, idx[a:b]) for a, b in zip(starts[:-1], starts[1:])]
-        return out
+        """Frames' indices per bucket in batches (`buckets.plan`; frames too small for a face left out)."""
+        return buckets.plan([frame.shape[:2] for frame in frames], self.config, self.batch_size)
 
     def _full(self, frames: Sequence[np.ndarray]) -> list[Detections]:
         self.full_runs += len(frames)
-        out: dict[int, Detections] = {}
+        out = [empty_detections({})] * len(frames)  # a frame too small for one pyramid level: no face
         for bucket, idx in self._batches(frames):
-            out |= dict(zip(idx, self.full([frames[i] for i in idx], bucket)))
-        return [out[i] for i in range(len(frames))]
+            for i, det in zip(idx, self.full([frames[i] for i in idx], bucket)):
+                out[i] = det
+        return out
 
     def _redetect(self, frames: Sequence[np.ndarray], sources: Sequence[Hashable]) -> list[Detections]:
         self.redetect_runs += len(frames)
         looked = [i for i in range(len(frames)) if len(self.streams[sources[i]].boxes_Kx4)]
-        out: dict[int, Detections] = {i: empty_detections({}) for i in range(len(frames)) if i not in looked}
+        out = [empty_detections({})] * len(frames)  # no face to follow (or too small for one): none found
         for bucket, idx in self._batches([frames[i] for i in looked]):
             idx = [looked[k] for k in idx]
             boxes = [self.streams[sources[i]].boxes_Kx4 for i in idx]
-            out |= dict(zip(idx, self.around([frames[i] for i in idx], bucket, boxes)))
-        return [out[i] for i in range(len(frames))]
+            for i, det in zip(idx, self.around([frames[i] for i in idx], bucket, boxes)):
+                out[i] = det
+        return out
 
 
 def batch_runner(tracker: Redetector) -> Callable[[list[np.ndarray], Bucket, list[Hashable | None]], list]:
