@@ -73,7 +73,6 @@ def _export(arguments: tuple, config: CascadeConfig, upto: str,
     return jax.export.export(jax.jit(program), platforms=platforms)(*arguments)
 
 
-
 _compiled: dict[tuple, Future] = {}
 _compiled_lock = threading.Lock()
 
@@ -86,9 +85,10 @@ def _params_signature(params: dict) -> tuple:
 def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
                      upto: str = "onet") -> Callable:
     """The compiled cascade of one (bucket, batch size, config, upto), called as `cascade_fn` without its
-    config and upto (`upto=REDETECT`: `redetect_fn` without its config). Compiled once per process (threads asking for one bucket wait for one compile;
-    different buckets compile concurrently) and, through `compile_cache`, once per machine: a later
-    process loads the export and XLA's executable from the user's cache folder."""
+    config and upto (`upto=REDETECT`: `redetect_fn` without its config). Compiled once per process
+    (threads asking for one bucket wait for one compile; different buckets compile concurrently) and,
+    through `compile_cache`, once per machine: a later process loads its executable from the user's cache
+    folder."""
     bucket_hw = tuple(bucket_hw)
     key = (bucket_hw, batch, config, upto, _params_signature(params))
     with _compiled_lock:
@@ -97,8 +97,8 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
             future, owner = _compiled.setdefault(key, Future()), True
     if owner:
         try:
-            arguments = (redetect_arguments if upto == REDETECT else bucket_arguments)(params, bucket_hw, batch, config)
-            future.set_result(_compile(key, arguments))
+            arguments = redetect_arguments if upto == REDETECT else bucket_arguments
+            future.set_result(_compile(key, arguments(params, bucket_hw, batch, config)))
         except BaseException as err:
             with _compiled_lock:
                 del _compiled[key]

@@ -43,7 +43,8 @@ are drawn with the last detected frame's boxes. --redetect-every N runs the whol
 detected frame and R-Net and O-Net around the last faces in between (faster; new faces wait for the next
 whole frame). Video frames are padded to multiples of 16 pixels, not the bucket ladder, unless
 --bucket-multiple is given. Images and videos together both run (videos first) when
-nothing is written; with --json, --draw or --crops (images only) they are refused: run them separately.""" % " ".join(VIDEO_SUFFIXES))
+nothing is written; with --json, --draw or --crops (images only) they are refused: run them separately."""
+          % " ".join(VIDEO_SUFFIXES))
 
 
 def capacity_flag(field_name: str) -> str:

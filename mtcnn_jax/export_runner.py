@@ -115,8 +115,9 @@ class ExportedDetector:
             raise ImageProblem(f"{name}: {w}x{h} pixels is under MTCNN's {least}-pixel window; pass an image at least "
                                f"{least} px on each side")
         if h > hb or w > wb:
-            raise ImageProblem(f"{name}: {h}x{w} pixels (height x width) is larger than this export's bucket {hb}x{wb}; "
-                               f"export a larger one (python -m mtcnn_jax.export --bucket HxW) or downscale the image")
+            raise ImageProblem(f"{name}: {h}x{w} pixels (height x width) is larger than this export's bucket "
+                               f"{hb}x{wb}; export a larger one (python -m mtcnn_jax.export --bucket HxW) or "
+                               "downscale the image")
 
     def run(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """The JSON entries of up to `batch` images (padded into the bucket; a short batch filled with copies)."""

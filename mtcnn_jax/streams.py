@@ -52,12 +52,12 @@ class Passed:
 
 @dataclass(frozen=True)
 class Detector:
-    """What `detect_frames` runs: `run(frames, bucket, sources)` gives the result of each frame of one
-    bucket (the frames zero-padded into it and run as one batch, e.g. `detections.run_batch` with its
-    params and config bound; `sources`: each frame's source, None for the copies padding the batch, which
-    re-detection needs: `redetection.batch_runner`), `empty` is the result of a frame too small for one pyramid level, `noted(result, note)` the
-    result with the frame's conversion to RGB noted, `warn(name, result)` reports a full capacity;
-    `params` are the weights (for compiling ahead)."""
+    """What `detect_frames` runs: `run(frames, bucket, sources)` gives the result of each frame of one bucket
+    (the frames zero-padded into it and run as one batch, e.g. `detections.run_batch` with its params and config
+    bound; `sources`: each frame's source, None for the copies padding the batch, which re-detection needs:
+    `redetection.batch_runner`), `empty` is the result of a frame too small for one pyramid level,
+    `noted(result, note)` the result with the frame's conversion to RGB noted, `warn(name, result)` reports a
+    full capacity; `params` are the weights (for compiling ahead)."""
 
     run: Callable[[list[np.ndarray], Bucket, list[Hashable | None]], list[Any]]
     config: CascadeConfig
