@@ -17,6 +17,7 @@ Usage: PYTHONPATH=. python benchmarks/bench_video.py [--clip FILE] [--frames 120
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -25,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -35,22 +35,21 @@ import make_clip  # noqa: E402
 from mtcnn_jax import boxes as bx  # noqa: E402
 from mtcnn_jax.cascade_config import CascadeConfig  # noqa: E402
 from mtcnn_jax.detect import detect_stream, resolve_params  # noqa: E402
+from mtcnn_jax.video_io import read_frames  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEERS_SHIM = "/work/shared/tools/peers/shim"
 
 
 def decode(path: Path, frame_hw: tuple[int, int], limit: int) -> list[np.ndarray]:
-    """The first `limit` frames of a video as RGB uint8, resized to frame_hw when they differ."""
+    """The first `limit` frames of a video (`video_io.read_frames`: upright RGB uint8), resized to frame_hw
+    when they differ."""
     frames = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            img = frame.to_image()
-            if (img.height, img.width) != frame_hw:
-                img = img.resize((frame_hw[1], frame_hw[0]), Image.BICUBIC)
-            frames.append(np.asarray(img))
-            if len(frames) == limit:
-                break
+    for frame in itertools.islice(read_frames(path), limit):
+        pixels = frame.pixels
+        if pixels.shape[:2] != frame_hw:
+            pixels = np.asarray(Image.fromarray(pixels).resize((frame_hw[1], frame_hw[0]), Image.BICUBIC))
+        frames.append(pixels)
     return frames
 
 
