@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -53,9 +53,6 @@ def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config:
     return _export(bucket_arguments(params, bucket_hw, batch, config), config, upto, platforms)
 
 
-REDETECT = "redetect"  # compiled_cascade's `upto` for the re-detection program (video)
-
-
 def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes of `redetect_fn`'s arguments for one bucket: the previous faces in
     `cascade.REDETECT_FACES` slots per image."""
@@ -65,12 +62,24 @@ def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, con
             jax.ShapeDtypeStruct((batch, REDETECT_FACES), np.bool_))
 
 
-def _export(arguments: tuple, config: CascadeConfig, upto: str,
+class Program(NamedTuple):
+    """A jitted program of the package: its function (called with `config=`) and its argument shapes."""
+    fn: Callable
+    arguments: Callable[[dict, tuple[int, int], int, CascadeConfig], tuple]
+
+
+REDETECT = "redetect"  # the re-detection program (video), beside the cascade stopping after each stage
+PROGRAMS: dict[str, Program] = {
+    **{stage: Program(functools.partial(cascade_fn, upto=stage), bucket_arguments) for stage in STAGES},
+    REDETECT: Program(redetect_fn, redetect_arguments),
+}
+
+
+def _export(arguments: tuple, config: CascadeConfig, program: str,
             platforms: Sequence[str] | None = None) -> jax.export.Exported:
-    """`upto` "redetect" is `redetect_fn`, any stage the cascade stopping after it."""
-    program = (functools.partial(redetect_fn, config=config) if upto == REDETECT
-               else functools.partial(cascade_fn, config=config, upto=upto))
-    return jax.export.export(jax.jit(program), platforms=platforms)(*arguments)
+    """`PROGRAMS[program]` exported for these argument shapes."""
+    fn = functools.partial(PROGRAMS[program].fn, config=config)
+    return jax.export.export(jax.jit(fn), platforms=platforms)(*arguments)
 
 
 _compiled: dict[tuple, Future] = {}
@@ -84,8 +93,8 @@ def _params_signature(params: dict) -> tuple:
 
 def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
                      upto: str = "onet") -> Callable:
-    """The compiled cascade of one (bucket, batch size, config, upto), called as `cascade_fn` without its
-    config and upto (`upto=REDETECT`: `redetect_fn` without its config). Compiled once per process
+    """The compiled program `PROGRAMS[upto]` (the cascade stopping after stage `upto`, or `REDETECT`) of one
+    bucket, batch size and config, called as its function without the config. Compiled once per process
     (threads asking for one bucket wait for one compile; different buckets compile concurrently) and,
     through `compile_cache`, once per machine: a later process loads its executable from the user's cache
     folder."""
@@ -97,8 +106,8 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
             future, owner = _compiled.setdefault(key, Future()), True
     if owner:
         try:
-            arguments = redetect_arguments if upto == REDETECT else bucket_arguments
-            future.set_result(_compile(key, arguments(params, bucket_hw, batch, config)))
+            arguments = PROGRAMS[upto].arguments(params, bucket_hw, batch, config)
+            future.set_result(_compile(key, arguments))
         except BaseException as err:
             with _compiled_lock:
                 del _compiled[key]
