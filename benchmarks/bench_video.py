@@ -11,7 +11,7 @@ photos (no real clip ships with the shared data; the output says which), in shot
 TV and film shots run a few seconds, camera streams have no cuts; every cut costs re-detection recall).
 
 Usage: PYTHONPATH=. python benchmarks/bench_video.py [--clip FILE] [--frames 120] [--shot 60] [--sizes 540x960,...]
-       [--batches 1,4] [--every 5,10] [--no-peers] [--json OUT]
+       [--batches 1,4] [--every 5,10] [--no-peers] [--peers-python PY] [--peer-device cuda] [--json OUT]
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def bench_size(frames: list[np.ndarray], args: argparse.Namespace, params, workd
     if not args.no_peers:
         npy, out = workdir / f"frames_{row['size']}.npy", workdir / f"facenet_{row['size']}.json"
         np.save(npy, np.stack(frames))
-        env = dict(os.environ, PYTHONPATH=PEERS_SHIM)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PEERS_SHIM, os.environ.get("PYTHONPATH")])))
         subprocess.run([args.peers_python, str(HERE / "peer_video.py"), str(npy), "--batch", str(args.peer_batch),
-                        "--out", str(out)], env=env, check=True, capture_output=True)
+                        "--device", args.peer_device, "--out", str(out)], env=env, check=True, capture_output=True)
         peer = json.loads(out.read_text())
         row |= {"facenet_batched_fps": n / peer["batched_s"], "facenet_unbatched_fps": n / peer["unbatched_s"],
                 "facenet_faces": peer["faces_batched"], "facenet_batch": peer["batch"]}
@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--every", default="5,10", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--peer-batch", type=int, default=8)
+    p.add_argument("--peer-device", default="cpu", help="facenet-pytorch's torch device (cuda on a GPU machine)")
     p.add_argument("--peers-python", default=os.environ.get("PEERS_PYTHON", "/work/peers/bin/python"))
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--json", type=Path)

@@ -22,13 +22,14 @@ def main() -> int:
     p.add_argument("frames")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device: cpu, or cuda on a GPU machine")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     import torch
     from facenet_pytorch import MTCNN
 
     torch.set_num_threads(args.threads)
-    m = MTCNN(keep_all=True, device="cpu", min_face_size=20, factor=0.709, thresholds=[0.6, 0.7, 0.7])
+    m = MTCNN(keep_all=True, device=args.device, min_face_size=20, factor=0.709, thresholds=[0.6, 0.7, 0.7])
     frames = np.load(args.frames)
     count = lambda boxes: sum(0 if b is None else len(b) for b in boxes)  # noqa: E731
     m.detect(frames[: args.batch])  # warm-up, untimed
