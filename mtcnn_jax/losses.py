@@ -76,6 +76,23 @@ def per_sample_l2(pred_BxK: jax.Array, target_BxK: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(pred_BxK.astype(jnp.float32) - target_BxK), axis=-1)
 
 
+def per_sample_l1(pred_BxK: jax.Array, target_BxK: jax.Array) -> jax.Array:
+    """Absolute distance of each sample's K values to its target, summed over the K values. An option for
+    the landmark term (not the paper's): L2 lets small errors fade from the gradient, which costs the mean
+    point error that landmark precision is measured by (Feng et al., "Wing loss", CVPR 2018)."""
+    return jnp.sum(jnp.abs(pred_BxK.astype(jnp.float32) - target_BxK), axis=-1)
+
+
+LANDMARK_NORMS = {"l2": per_sample_l2, "l1": per_sample_l1}  # "l2": the paper's eq. 3
+
+
+def per_sample_point_error(landmarks_Bx10: jax.Array, target_Bx10: jax.Array) -> jax.Array:
+    """Mean Euclidean distance of the 5 points to their targets, in crop widths (x1..x5, y1..y5 layout):
+    what landmark precision is measured by, whichever norm is trained."""
+    d_Bx10 = landmarks_Bx10.astype(jnp.float32) - target_Bx10
+    return jnp.mean(jnp.sqrt(jnp.square(d_Bx10[:, :5]) + jnp.square(d_Bx10[:, 5:])), axis=-1)
+
+
 def _only_masked(target_BxK: jax.Array, mask_B: jax.Array) -> jax.Array:
     """Targets of the masked samples, zeros elsewhere: a NaN "no target" elsewhere then cannot reach the gradient."""
     return jnp.where(mask_B[:, None], jnp.asarray(target_BxK, jnp.float32), 0.0)
@@ -98,11 +115,13 @@ def box_loss(
 
 
 def landmark_loss(
-    landmarks_Bx10: jax.Array, target_Bx10: jax.Array, labels_B: jax.Array, axis_name: str | None = None
+    landmarks_Bx10: jax.Array, target_Bx10: jax.Array, labels_B: jax.Array, axis_name: str | None = None,
+    norm: str = "l2",
 ) -> jax.Array:
-    """Squared distance of the 10 landmark coordinates to their targets, averaged over the landmark samples."""
+    """Distance of the 10 landmark coordinates to their targets (`LANDMARK_NORMS[norm]`: squared by
+    default, as the paper), averaged over the landmark samples."""
     mask_B = task_masks(labels_B)["landmark"]
-    return masked_mean(per_sample_l2(landmarks_Bx10, _only_masked(target_Bx10, mask_B)), mask_B, axis_name)
+    return masked_mean(LANDMARK_NORMS[norm](landmarks_Bx10, _only_masked(target_Bx10, mask_B)), mask_B, axis_name)
 
 
 def ohem_k(batch_size: int, ratio: float) -> int:
@@ -146,13 +165,15 @@ def multitask_loss(
     weights: LossWeights,
     ohem_ratio: float = 0.7,
     axis_name: str | None = None,
+    landmark_norm: str = "l2",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted sum of the three task losses, with OHEM on classification, and its metrics.
 
     `outputs`: the net's {"logits", "box", ["landmarks"]} (P-Net maps are flattened); `batch`:
     {"label" (B,), "box" (B, 4), "landmarks" (B, 10)}. A net without a landmark head gets a zero
     landmark term. Metrics hold each term raw and weighted, "loss", "accuracy" and "recall" (of the
-    face class) over the class-labelled samples and "kept_fraction" (OHEM-kept / class-labelled).
+    face class) over the class-labelled samples, "kept_fraction" (OHEM-kept / class-labelled) and, with
+    landmarks, "landmark_point_error" (`per_sample_point_error`'s mean, comparable across norms).
     """
     labels_B = jnp.asarray(batch["label"])
     size = labels_B.shape[0]
@@ -165,12 +186,17 @@ def multitask_loss(
         "box": box_loss(_flat(outputs["box"], size), batch["box"], labels_B, axis_name),
         "landmark": jnp.zeros((), jnp.float32),
     }
+    metrics = {}
     if "landmarks" in outputs:
-        terms["landmark"] = landmark_loss(_flat(outputs["landmarks"], size), batch["landmarks"], labels_B, axis_name)
+        landmarks_Bx10 = _flat(outputs["landmarks"], size)
+        terms["landmark"] = landmark_loss(landmarks_Bx10, batch["landmarks"], labels_B, axis_name, landmark_norm)
+        target_Bx10 = _only_masked(batch["landmarks"], masks["landmark"])
+        error_B = per_sample_point_error(jax.lax.stop_gradient(landmarks_Bx10), target_Bx10)
+        metrics["landmark_point_error"] = masked_mean(error_B, masks["landmark"], axis_name)
     weighted = {"cls": weights.cls * terms["cls"], "box": weights.box * terms["box"]}
     weighted["landmark"] = weights.landmark * terms["landmark"]
     total = weighted["cls"] + weighted["box"] + weighted["landmark"]
-    metrics = {"loss": total, **terms, **{f"{k}_weighted": v for k, v in weighted.items()}}
+    metrics |= {"loss": total, **terms, **{f"{k}_weighted": v for k, v in weighted.items()}}
     metrics.update(_classification_metrics(logits_Bx2, labels_B, masks["cls"], keep_B, axis_name))
     return total, metrics
 

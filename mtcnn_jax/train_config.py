@@ -30,6 +30,7 @@ class TrainConfig:
     cls_weight: float
     box_weight: float
     landmark_weight: float
+    landmark_norm: str = "l2"  # the landmark term's distance: "l2" (the paper's) or "l1" (losses.LANDMARK_NORMS)
     batch_size: int = 384  # global: split evenly over the local devices
     learning_rate: float = 1e-3
     lr_decay_fractions: tuple[float, ...] = (0.2, 0.5, 0.7)  # lr / 10 at each fraction of `steps`
@@ -94,6 +95,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cls_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
     "box_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
     "landmark_weight": (_within(0, math.inf, high_open=True), "a finite loss weight >= 0"),
+    "landmark_norm": (lambda v: v in losses.LANDMARK_NORMS, f"one of {', '.join(losses.LANDMARK_NORMS)}"),
     "batch_size": (_count(1), "an integer >= 1"),
     "learning_rate": (_within(0, math.inf, low_open=True, high_open=True), "a finite number > 0"),
     "momentum": (_within(0, 1, high_open=True), "0 <= momentum < 1"),

@@ -96,7 +96,7 @@ def train_step(
 
     def loss_fn(params):
         outputs = forward(config.stage, params, batch["image"], dropout_rng)
-        return losses.multitask_loss(outputs, batch, config.weights, config.ohem_ratio, axis_name)
+        return losses.multitask_loss(outputs, batch, config.weights, config.ohem_ratio, axis_name, config.landmark_norm)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
@@ -160,9 +160,10 @@ def compiled_forward(stage: str) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_loss(weights: losses.LossWeights, ohem_ratio: float) -> Any:
-    """`losses.multitask_loss` with fixed weights and OHEM ratio, jitted."""
-    return jax.jit(functools.partial(losses.multitask_loss, weights=weights, ohem_ratio=ohem_ratio))
+def compiled_loss(weights: losses.LossWeights, ohem_ratio: float, landmark_norm: str = "l2") -> Any:
+    """`losses.multitask_loss` with fixed weights, OHEM ratio and landmark norm, jitted."""
+    return jax.jit(functools.partial(losses.multitask_loss, weights=weights, ohem_ratio=ohem_ratio,
+                                     landmark_norm=landmark_norm))
 
 
 def evaluate(params: Any, batches: Iterable[dict[str, np.ndarray]], config: TrainConfig) -> dict[str, float]:
@@ -175,5 +176,5 @@ def evaluate(params: Any, batches: Iterable[dict[str, np.ndarray]], config: Trai
         kept.append({k: batch[k] for k in ("label", "box", "landmarks")})
     outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     targets = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
-    _, metrics = compiled_loss(config.weights, 1.0)(outputs, targets)
+    _, metrics = compiled_loss(config.weights, 1.0, config.landmark_norm)(outputs, targets)
     return {k: float(v) for k, v in metrics.items()}

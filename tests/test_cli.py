@@ -62,6 +62,7 @@ CASES = {
     "train-lr-decay-text": (train.main, TRAIN + ["--lr-decay-fractions", "half"]),
     "train-momentum-1": (train.main, TRAIN + ["--momentum", "1"]),
     "train-optimizer": (train.main, TRAIN + ["--optimizer", "rmsprop"]),
+    "train-landmark-norm": (train.main, TRAIN + ["--landmark-norm", "l3"]),
     "train-ohem-0": (train.main, TRAIN + ["--ohem-ratio", "0"]),
     "train-seed-negative": (train.main, TRAIN + ["--seed=-1"]),
     "train-val-fraction-1": (train.main, TRAIN + ["--val-fraction", "1"]),

@@ -73,6 +73,21 @@ def test_multitask_loss_by_hand():
     assert float(metrics["loss"]) == pytest.approx(float(total))
 
 
+def test_l1_landmark_norm_and_the_point_error_by_hand():
+    # sample 3: every coordinate 0.5 off: L1 10 * 0.5 = 5; each point (0.5, 0.5) off: sqrt(0.5) crop widths
+    outputs, batch = hand_batch()
+    got = losses.landmark_loss(outputs["landmarks"], batch["landmarks"], batch["label"], norm="l1")
+    assert float(got) == pytest.approx(5.0, rel=1e-6)
+    weights = losses.STAGE_WEIGHTS["onet"]
+    total, metrics = losses.multitask_loss(outputs, batch, weights, landmark_norm="l1")
+    assert float(total) == pytest.approx(CLS + 0.5 * BOX + 5.0, rel=1e-6)
+    assert float(metrics["landmark_point_error"]) == pytest.approx(math.sqrt(0.5), rel=1e-6)
+    _, l2_metrics = losses.multitask_loss(outputs, batch, weights)
+    assert float(l2_metrics["landmark_point_error"]) == pytest.approx(math.sqrt(0.5), rel=1e-6)  # norm-free
+    one_point_off = jnp.zeros((1, 10)).at[0, 2].set(0.3).at[0, 7].set(0.4)  # point 3: (0.3, 0.4), 0.5 away
+    assert float(losses.per_sample_point_error(one_point_off, jnp.zeros((1, 10)))[0]) == pytest.approx(0.1)
+
+
 def test_net_without_landmark_head_and_pnet_maps():
     outputs, batch = hand_batch()
     maps = {"logits": outputs["logits"][:, None, None, :], "box": outputs["box"][:, None, None, :]}

@@ -414,3 +414,22 @@ def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights
     onet = dataclasses.replace(BASE, stage="onet", input_size=48, init_from="original")
     assert_trees_close(checkpoints.initial_params("original", "onet", train_step.init_state(onet).params),
                       released["onet"])
+
+
+def test_landmark_norm_reaches_the_loss_and_the_point_error_is_logged():
+    """--landmark-norm l1: the held-back landmark term is the L1 distance; the point error is norm-free."""
+    config = dataclasses.replace(CONFIGS["onet"], steps=1, batch_size=4)
+    params = train_step.init_state(config).params
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 48, 48, 3), np.uint8), "label": np.array([1, 0, -2, -2]),
+             "box": rng.uniform(-0.2, 0.2, (4, 4)).astype(np.float32),
+             "landmarks": rng.uniform(0, 1, (4, 10)).astype(np.float32)}
+    pred = np.asarray(train_step.forward("onet", params, batch["image"])["landmarks"])[2:]
+    target = batch["landmarks"][2:]
+    l1 = train_step.evaluate(params, [batch], dataclasses.replace(config, landmark_norm="l1"))
+    l2 = train_step.evaluate(params, [batch], config)
+    assert l1["landmark"] == pytest.approx(np.abs(pred - target).sum(1).mean(), rel=1e-5)
+    assert l2["landmark"] == pytest.approx(np.square(pred - target).sum(1).mean(), rel=1e-5)
+    d = pred - target
+    point_error = np.hypot(d[:, :5], d[:, 5:]).mean()
+    assert l1["landmark_point_error"] == pytest.approx(point_error, rel=1e-5) == l2["landmark_point_error"]
