@@ -78,7 +78,7 @@ def _check_not_empty(source: Any) -> int:
 
 
 class ConcatSamples:
-    """Several sample sources read as one (the shards of a sample set, `samples.load_sample_set`): index i
+    """Several sample sources read as one (the shards of a sample set, `sample_shards.load_sample_set`): index i
     runs through the first source, then the second, ...; a batch is one batched read per source it touches."""
 
     def __init__(self, parts: Sequence[Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mtcnn_jax import input_pipeline
-from mtcnn_jax.samples import shard_folders
+from mtcnn_jax.sample_shards import shard_folders
 from mtcnn_jax.stages import LABEL
 
 SAMPLES_SUMMARY = "summary.json"  # what `samples.make_samples` writes beside a sample set

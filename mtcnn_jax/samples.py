@@ -16,7 +16,7 @@ provenance ("source" image, "crop" box in its pixels, "flipped") so that any lab
 images (and landmark faces) at positions I, I + N, I + 2N, ... of the source lists, each cut exactly as
 the whole run cuts it, mixed to --ratio within the shard, written to OUT/shard-I-of-N/. Once all N are
 under OUT (a shared folder, or copied together), `mtcnn_jax.train --data OUT` reads them as one set
-(`load_sample_set`).
+(`sample_shards.load_sample_set`).
 
 The WIDER FACE folder (official layout) and the landmark folder (LFW+Net's trainImageList.txt, else
 CelebA's lists) are read through their TFDS builders (datasets.WiderFace, LfwNet, CelebaWild): each is
@@ -52,12 +52,12 @@ from tqdm import tqdm
 import mtcnn_jax
 from mtcnn_jax import cli
 from mtcnn_jax.sample_geometry import SampleConfig, select
+from mtcnn_jax.sample_shards import SHARD_FOLDER, check_shard, parse_shard, shard_jobs
 from mtcnn_jax.sample_worker import run_job
 from mtcnn_jax.stages import INPUT_SIZE, LABEL
 from mtcnn_jax.stages import SAMPLE_TYPES as TYPES
 
 WINDOW = 256  # images whose bytes are read and handed to the workers at a time (at least 16 per worker)
-SHARD_FOLDER = "shard-{index}-of-{count}"  # where --shard I/N writes its part of the set, under --out
 
 
 class SamplesError(ValueError):
@@ -268,66 +268,6 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
         shutil.rmtree(work_dir, ignore_errors=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-# ----------------------------------------------------------------------------------------- shards
-
-def check_shard(shard: tuple[int, int]) -> None:
-    """ValueError unless shard is (index, count) with 0 <= index < count."""
-    index, count = shard
-    if not (isinstance(count, int) and isinstance(index, int) and count >= 1 and 0 <= index < count):
-        raise ValueError(f"--shard {index}/{count}: expected I/N with 0 <= I < N, like 0/4")
-
-
-def shard_jobs(jobs: list[dict], index: int, count: int) -> list[dict]:
-    """Shard `index` of `count` of the jobs: those at positions index, index + count, ... of the whole run's
-    list (its images, then its landmark faces), so that the shards share the images out evenly and
-    each job keeps the index, and so the seed, it has in the whole run."""
-    return jobs[index::count]
-
-
-def shard_folders(directory: str | Path) -> list[Path]:
-    """The shard folders (shard-I-of-N) under `directory`, in shard order ([] if none); ValueError if any
-    of the N is missing or their Ns differ."""
-    found = {}
-    for path in Path(directory).glob(SHARD_FOLDER.format(index="*", count="*")):
-        index, _, count = path.name.removeprefix("shard-").partition("-of-")
-        if index.isdigit() and count.isdigit():
-            found[int(index), int(count)] = path
-    if not found:
-        return []
-    counts = sorted({count for _, count in found})
-    if len(counts) > 1:
-        raise ValueError(f"{directory} holds shards of different splits (of {counts}): keep one split per folder")
-    missing = sorted(set(range(counts[0])) - {index for index, _ in found})
-    if missing:
-        raise ValueError(f"{directory} lacks shard {', '.join(map(str, missing))} of {counts[0]}: make it "
-                         f"with --shard I/{counts[0]} before training on the set")
-    return [found[k] for k in sorted(found)]
-
-
-def load_sample_set(directory: str | Path) -> Any:
-    """The sample set written under `directory` (`mtcnn_jax.datasets.load_samples`), or, if it holds the N
-    shards of one (--shard), all of them read as one set in shard order."""
-    shards = shard_folders(directory)
-    if not shards:
-        return mtcnn_jax.datasets.load_samples(directory)
-    if (Path(directory) / "mtcnn_samples").exists():
-        raise ValueError(f"{directory} holds a whole sample set (mtcnn_samples/) and shards of one: keep one of "
-                         "them per folder")
-    stages = {json.loads((s / "summary.json").read_text()).get("stage") for s in shards
-              if (s / "summary.json").is_file()}
-    if len(stages) > 1:
-        raise ValueError(f"{directory}: its shards hold samples of different stages ({', '.join(sorted(stages))})")
-    return mtcnn_jax.input_pipeline.ConcatSamples([mtcnn_jax.datasets.load_samples(s) for s in shards])
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """argparse type: "I/N" -> (I, N)."""
-    index, slash, count = text.partition("/")
-    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
-        raise argparse.ArgumentTypeError(f"expected I/N like 0/4 (shard I of N), got {text!r}")
-    return int(index), int(count)
 
 
 # ----------------------------------------------------------------------------------------- CLI

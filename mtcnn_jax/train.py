@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline
 from mtcnn_jax.checkpoint_integrity import CheckpointWarning, saved_steps
-from mtcnn_jax.samples import load_sample_set as load_samples  # a sample set, or the N shards of one
+from mtcnn_jax.sample_shards import load_sample_set as load_samples  # a sample set, or the N shards of one
 from mtcnn_jax.provenance import samples_summary
 from mtcnn_jax.train_config import CONFIGS, RESUME_FREE_FIELDS, TrainConfig, check_config, config_changes
 from mtcnn_jax.train_step import (STATE_FINITE, TrainState, compiled_step, evaluate, global_batch, init_state,
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     (default: the stage's config)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, choices=sorted(CONFIGS))
-    parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.samples.load_sample_set: "
+    parser.add_argument("--data", required=True, help="samples directory (read with mtcnn_jax.sample_shards.load_sample_set: "
                                                       "one set, or the N shards of one)")
     parser.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
     parser.add_argument("--in-memory", action="store_true",

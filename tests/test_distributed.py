@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtcnn_jax import input_pipeline, sample_geometry, train
+from mtcnn_jax import input_pipeline, sample_geometry, sample_shards, train
 from mtcnn_jax import samples as samples_module
 from mtcnn_jax.checkpoint_integrity import read_step
 from mtcnn_jax.datasets import load_samples
@@ -165,10 +165,10 @@ def test_sample_shards_split_the_images_and_read_as_one_set(sharded):
     assert [s["images"] for s in shards] == [3, 2] and [s["landmark_faces"] for s in shards] == [4, 4]
     for kind in whole["generated"]:
         assert sum(s["generated"][kind] for s in shards) == whole["generated"][kind], kind
-    folders = samples_module.shard_folders(out / "sharded")
+    folders = sample_shards.shard_folders(out / "sharded")
     assert [f.name for f in folders] == ["shard-0-of-2", "shard-1-of-2"]
     parts = [load_samples(f) for f in folders]
-    one = samples_module.load_sample_set(out / "sharded")
+    one = sample_shards.load_sample_set(out / "sharded")
     assert len(one) == sum(len(p) for p in parts) == sum(s["total"] for s in shards)
     sources = [{r["source"] for r in p.__getitems__(range(len(p)))} for p in parts]
     assert not sources[0] & sources[1]  # no image in both shards
@@ -177,14 +177,14 @@ def test_sample_shards_split_the_images_and_read_as_one_set(sharded):
     expected = [parts[1][1], parts[0][0], parts[0][len(parts[0]) - 1]]
     for g, e in zip(got, expected):
         assert g["source"] == e["source"] and np.array_equal(g["image"], e["image"]) and g["label"] == e["label"]
-    assert len(samples_module.load_sample_set(out / "whole")) == whole["total"]
+    assert len(sample_shards.load_sample_set(out / "whole")) == whole["total"]
 
 
 def test_a_missing_shard_is_refused_by_name(sharded, tmp_path):
     out, _, _ = sharded
     (tmp_path / "shard-0-of-2").symlink_to(out / "sharded" / "shard-0-of-2")
     with pytest.raises(ValueError, match="lacks shard 1 of 2: make it with --shard I/2"):
-        samples_module.load_sample_set(tmp_path)
+        sample_shards.load_sample_set(tmp_path)
 
 
 @pytest.mark.parametrize("shard", ["2/2", "a/2", "1"])
