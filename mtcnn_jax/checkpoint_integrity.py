@@ -5,7 +5,7 @@ cannot be read said in one line (`DamagedCheckpointError`), never in a TensorSto
 A checkpoint's Orbax custom metadata (its `_CHECKPOINT_METADATA` file, written atomically with the step)
 holds {"checksums": {"algorithm": "sha256", "arrays": {"params/conv1/kernel": HEX, ...}}, "provenance":
 {...}}; each digest covers an array's dtype, shape and bytes. A checkpoint without checksums (written before
-they were, like the committed checkpoints/wider_subset) is legacy: it is read unverified, not refused.
+they were, before 2026-12-02) is legacy: it is read unverified, not refused.
 """
 
 from __future__ import annotations

@@ -303,6 +303,17 @@ def test_samples_summary_counts_types_in_memory_and_reads_the_set_summary(sample
     assert summary["sample_set"] == {"stage": "pnet", "kept": {"positive": 20}, "total": 70}
 
 
-def test_the_committed_cascade_loads_as_legacy():
-    params, provenance = checkpoints.load_cascade(REPO / "checkpoints" / "wider_subset", with_provenance=True)
+def test_the_committed_cascade_is_checksummed_and_says_where_it_came_from():
+    path = REPO / "checkpoints" / "wider_subset"
+    params, provenance = checkpoints.load_cascade(path, with_provenance=True)  # its checksums verified
+    assert set(params) == set(STAGES) and set(provenance["stages"]) == set(STAGES)
+    onet = provenance["stages"]["onet"]["sources"][0]
+    assert onet["config"]["stage"] == "onet" and onet["step"] == onet["config"]["steps"]
+
+
+def test_a_legacy_cascade_loads_unverified(run, tmp_path):
+    _, state = run
+    write_legacy_cascade(tmp_path / "legacy", state.params)
+    params, provenance = checkpoints.load_cascade(tmp_path / "legacy", with_provenance=True)
     assert provenance == {} and set(params) == set(STAGES)
+    assert_trees_equal(params["pnet"], state.params)
