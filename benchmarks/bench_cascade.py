@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,9 +87,11 @@ def time_ours(paths: list[str], params: Any, config: CascadeConfig, runs: int) -
 
 
 def throughput(paths: list[str], params: Any, config: CascadeConfig, runs: int,
-               batches: tuple[int, ...] = (1, 8, 32, 64, 256)) -> dict[int, float]:
+               batches: tuple[int, ...] = (1, 8, 32, 64, 256),
+               report: Callable[[dict[int, float]], None] = lambda out: None) -> dict[int, float]:
     """Images per second on 640x480 copies of the photos, batched B at a time (one warm-up call per B,
-    which compiles; then the median of `runs` calls)."""
+    which compiles; then the median of `runs` calls); `report` gets the results so far after each B (so
+    that a run stopped at its time limit keeps them)."""
     from PIL import Image
 
     photos = [np.asarray(Image.fromarray(load_image(p)).resize((640, 480))) for p in paths]
@@ -100,6 +102,7 @@ def throughput(paths: list[str], params: Any, config: CascadeConfig, runs: int,
         run()
         out[b] = b / statistics.median(_timed(run)[0] for _ in range(runs))
         print(f"  batch {b}: {out[b]:.1f} images/s", flush=True)
+        report(out)
     return out
 
 
@@ -162,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput:
         batches = tuple(int(b) for b in args.batches.split(","))
         print(f"throughput, 640x480, median of {args.runs} runs per batch size:")
-        result = {"machine": info, "throughput": throughput(paths, params, config, args.runs, batches)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+        def write(out: dict[int, float]) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps({"machine": info, "throughput": out}, indent=1))
+
+        throughput(paths, params, config, args.runs, batches, report=write)
         return 0
     ours, compile_s = time_ours(paths, params, config, args.runs)
     peers_python = os.environ.get("PEERS_PYTHON", "/work/peers/bin/python")
