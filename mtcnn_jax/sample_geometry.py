@@ -45,6 +45,9 @@ class SampleConfig:
     iou_part: float = 0.4
     iou_positive: float = 0.65
     square_faces: bool = False  # label by IoU with the squared face box (the cascade shows the nets squares)
+    # The landmark set's boxes moved into the frame the cascade hands O-Net its faces in, before landmark
+    # samples are cut around them: width scale, height scale, centre shift in box heights (+ is down).
+    landmark_frame: tuple[float, float, float] = (1.0, 1.0, 0.0)
 
     def __post_init__(self) -> None:
         """ValueError naming the field (and its samples CLI flag) of the first value out of range."""
@@ -58,6 +61,8 @@ class SampleConfig:
             *((name, not _is_count(getattr(self, name), 0), "an integer >= 0") for name in counts),
             ("min_face", not _is_count(self.min_face, 1), "an integer >= 1 (pixels)"),
             ("flip_prob", not 0 <= self.flip_prob <= 1, "a probability in [0, 1]"),
+            ("landmark_frame", not _is_frame(self.landmark_frame),
+             "three finite numbers: width scale > 0, height scale > 0, centre shift in heights"),
             ("iou_positive", not 0 <= self.iou_negative <= self.iou_part <= self.iou_positive <= 1,
              "0 <= iou_negative <= iou_part <= iou_positive <= 1"),
         ]
@@ -72,7 +77,12 @@ class SampleConfig:
 
 
 _FLAGS = {"ratio": "ratio", "seed": "seed", "hard_face_jitters": "face-jitters",
-          "min_face": "min-face", "flip_prob": "flip-prob"}  # SampleConfig fields set by `mtcnn_jax.samples` flags
+          "min_face": "min-face", "flip_prob": "flip-prob", "landmark_frame": "landmark-frame"}  # SampleConfig fields set by `mtcnn_jax.samples` flags
+
+
+def _is_frame(frame: object) -> bool:
+    f = np.asarray(frame, np.float64) if isinstance(frame, (tuple, list)) else np.zeros(0)
+    return f.shape == (3,) and bool(np.isfinite(f).all()) and f[0] > 0 and f[1] > 0
 
 
 def _is_count(value: object, low: int) -> bool:
@@ -261,11 +271,21 @@ def hard_specs(hw: tuple[int, int], gt_Gx4: np.ndarray, dets_Dx4: np.ndarray, rn
     return flip_some(label_crops(crops_Nx4, gt_Gx4, cfg), ["positive"], rng, cfg.flip_prob)
 
 
+def framed_box(box_4: np.ndarray, frame: tuple[float, float, float]) -> np.ndarray:
+    """`box_4` scaled about its centre by frame[0] in width and frame[1] in height, the centre moved down by
+    frame[2] of its height: a landmark set's box in the frame the detector gives the same face."""
+    x1, y1, x2, y2 = np.asarray(box_4, np.float64)
+    w, h = (x2 - x1) * frame[0], (y2 - y1) * frame[1]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2 + frame[2] * (y2 - y1)
+    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
 def landmark_specs(hw: tuple[int, int], box_4: np.ndarray, points_5x2: np.ndarray, rng: np.random.Generator,
                    cfg: SampleConfig):
     """Landmark samples of one face: its own box and jittered crops, kept when their `span_iou` with the box
     (taken as a span: the landmark sets' boxes are cropped and targeted as given) is > iou_positive and all
-    five points lie inside the crop."""
+    five points lie inside the crop. The box is first moved into `cfg.landmark_frame` (`framed_box`)."""
+    box_4 = framed_box(box_4, cfg.landmark_frame)
     own = square_crops([np.floor(box_4[0])], [np.floor(box_4[1])], [np.ceil(max(box_4[2] - box_4[0], box_4[3] - box_4[1]))])
     crops_Nx4 = np.concatenate([own, jitter_crops(rng, box_4, cfg.landmark_jitters)])
     lmk_Nx10 = landmark_targets(crops_Nx4, np.broadcast_to(points_5x2, (len(crops_Nx4), 5, 2)))

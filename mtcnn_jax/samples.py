@@ -192,7 +192,7 @@ def summarise(results: list[dict], builders: dict[str, Any], available: dict, ke
         for reason in r.get("skipped", []):
             skipped.add(reason, r["path"])
     return {"stage": cfg.stage, "size": cfg.size, "seed": cfg.seed, "ratio": list(cfg.ratio),
-            "square_faces": cfg.square_faces,
+            "square_faces": cfg.square_faces, "landmark_frame": list(cfg.landmark_frame),
             "images": sum(r["kind"] == "wider" for r in results),
             "landmark_faces": sum(r["kind"] == "landmark" for r in results),
             "generated": available, "kept": kept, "dropped_by_ratio": {t: available[t] - kept[t] for t in TYPES},
@@ -275,6 +275,17 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
 PROG = "python -m mtcnn_jax.samples"
 
 
+def parse_frame(text: str) -> tuple[float, float, float]:
+    """argparse type: "1.1,1.4,-0.07" -> (1.1, 1.4, -0.07) (SampleConfig checks the values)."""
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 1.1,1.4,-0.07, got {text!r}")
+    return parts
+
+
 def parse_ratio(text: str) -> tuple[float, float, float, float]:
     """"3:1:1:2" -> (3, 1, 1, 2): negative : positive : part : landmark (SampleConfig checks the values)."""
     try:
@@ -307,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-/O-Net: also N jittered crops around each face, besides the detections")
     p.add_argument("--square-faces", action="store_true",
                    help="label crops by IoU with each face's square box (narrow faces can be positives)")
+    p.add_argument("--landmark-frame", type=parse_frame, default=(1.0, 1.0, 0.0), metavar="SW,SH,DY",
+                   help="cut landmark samples around each landmark box scaled by SW in width and SH in height, "
+                        "its centre moved down by DY of its height: the frame the detector gives those faces "
+                        "(default 1,1,0: the box as given)")
     p.add_argument("--shard", type=parse_shard, metavar="I/N",
                    help="make shard I of N (0 <= I < N) of the set, in OUT/shard-I-of-N; train on OUT reads all N")
     mtcnn_jax.compile_cache.add_flag(p)
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = SampleConfig(stage=args.stage, ratio=args.ratio, seed=args.seed, flip_prob=args.flip_prob,
                            hard_face_jitters=args.face_jitters, min_face=args.min_face,
-                           square_faces=args.square_faces)
+                           square_faces=args.square_faces, landmark_frame=args.landmark_frame)
         if args.shard is not None:
             check_shard(args.shard)
         if args.stage != "pnet":  # only R-Net and O-Net samples run the cascade

@@ -32,6 +32,8 @@ CASES = {
     "samples-wider-file": (samples.main, ["pnet", "--wider", "{tmp}/file", "--out", "{tmp}/out"]),
     "samples-no-landmarks": (samples.main, SAMPLES + ["--landmarks", "{tmp}/missing"]),
     "samples-max-images-0": (samples.main, SAMPLES + ["--max-images", "0"]),
+    "samples-landmark-frame-text": (samples.main, SAMPLES + ["--landmark-frame", "wide"]),
+    "samples-landmark-frame-0": (samples.main, SAMPLES + ["--landmark-frame", "0,1.4,0"]),
     "samples-max-images-neg": (samples.main, SAMPLES + ["--max-images", "-1"]),
     "samples-max-landmarks-0": (samples.main, SAMPLES + ["--max-landmarks", "0"]),
     "samples-workers-0": (samples.main, SAMPLES + ["--workers", "0"]),

@@ -122,6 +122,23 @@ def test_landmark_crops_are_kept_by_span_iou():
     np.testing.assert_allclose(geo.span_iou([[0, 0, 25, 25]], [[0, 0, 16, 25]]), [[0.64]])
 
 
+def test_landmark_frame_moves_the_box_before_the_crops_are_cut():
+    """--landmark-frame 1.1,1.4,-0.1 on a 20x20 box at (10, 20): 22 wide, 28 tall, centre (20, 28), i.e.
+    (9, 14, 31, 42); its own crop is the 28-pixel square at (9, 14), the points' targets relative to it."""
+    np.testing.assert_allclose(geo.framed_box(np.array([10.0, 20, 30, 40]), (1.1, 1.4, -0.1)), [9, 14, 31, 42])
+    np.testing.assert_allclose(geo.framed_box(np.array([10.0, 20, 30, 40]), (1, 1, 0)), [10, 20, 30, 40])
+    points_5x2 = np.array([[15, 25], [25, 25], [20, 30], [16, 35], [24, 35]], np.float64)
+    cfg = geo.SampleConfig(landmark_jitters=0, flip_prob=0.0, landmark_frame=(1.1, 1.4, -0.1))
+    table = geo.landmark_specs((100, 100), np.array([10.0, 20, 30, 40]), points_5x2, np.random.default_rng(0), cfg)
+    np.testing.assert_allclose(table["crop"], [[9, 14, 37, 42]])
+    want = np.concatenate([(points_5x2[:, 0] - 9) / 28, (points_5x2[:, 1] - 14) / 28])
+    np.testing.assert_allclose(table["landmarks"][0], want, rtol=1e-6)
+    args = samples.build_parser().parse_args(["onet", "--wider", "w", "--out", "o", "--landmark-frame", "1.1,1.4,-0.1"])
+    assert args.landmark_frame == (1.1, 1.4, -0.1)
+    with pytest.raises(ValueError, match="landmark-frame"):
+        geo.SampleConfig(landmark_frame=(0.0, 1.4, 0.0))
+
+
 def test_square_faces_label_by_iou_with_the_squared_face():
     """A 10x20 face (1-based 16..25 x 11..30: pixels 15-24 x 10-29) and the 20x20 crop of pixels 10-29 square
     around it: IoU 0.5 (a part face), or 1 with its square (a positive); the box targets stay those of the
