@@ -275,26 +275,27 @@ def make_samples(wider: str | Path, landmarks: str | Path | None, out: str | Pat
 PROG = "python -m mtcnn_jax.samples"
 
 
-def parse_frame(text: str) -> tuple[float, float, float]:
-    """argparse type: "1.1,1.4,-0.07" -> (1.1, 1.4, -0.07) (SampleConfig checks the values)."""
+def _numbers(text: str, sep: str, example: str) -> tuple[float, ...]:
+    """`text` as floats separated by `sep`, as many as `example` holds; ArgumentTypeError otherwise."""
+    count = len(example.split(sep))
     try:
-        parts = tuple(float(p) for p in text.split(","))
+        parts = tuple(float(p) for p in text.split(sep))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers like 1.1,1.4,-0.07, got {text!r}")
+    if len(parts) != count:
+        words = {3: "three", 4: "four"}.get(count, str(count))
+        raise argparse.ArgumentTypeError(f"expected {words} numbers like {example}, got {text!r}")
     return parts
+
+
+def parse_frame(text: str) -> tuple[float, float, float]:
+    """argparse type: "1.1,1.4,-0.07" -> (1.1, 1.4, -0.07) (SampleConfig checks the values)."""
+    return _numbers(text, ",", "1.1,1.4,-0.07")
 
 
 def parse_ratio(text: str) -> tuple[float, float, float, float]:
     """"3:1:1:2" -> (3, 1, 1, 2): negative : positive : part : landmark (SampleConfig checks the values)."""
-    try:
-        parts = tuple(float(p) for p in text.split(":"))
-    except ValueError:
-        parts = ()
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"expected four numbers like 3:1:1:2, got {text!r}")
-    return parts
+    return _numbers(text, ":", "3:1:1:2")
 
 
 def build_parser() -> argparse.ArgumentParser:
