@@ -35,6 +35,8 @@ step compare 30 "$PY" - "$OUT/gpu_reference.json" <<'PYCODE'
 import json, sys
 import numpy as np
 cpu, gpu = (json.load(open(p)) for p in (".device/cpu_reference.json", sys.argv[1]))
+if set(cpu) != set(gpu):
+    sys.exit(f"images differ: only on the CPU {sorted(set(cpu) - set(gpu))}, only on the GPU {sorted(set(gpu) - set(cpu))}")
 worst = 0.0
 for name in sorted(cpu):
     a, b = np.asarray(cpu[name]["boxes"]).reshape(-1, 5), np.asarray(gpu[name]["boxes"]).reshape(-1, 5)
@@ -44,6 +46,7 @@ for name in sorted(cpu):
     worst = max(worst, d)
     print(f"{name}: {len(a)} faces, largest difference {d:.2e}")
 print(f"largest difference {worst:.2e}:", "same detections" if worst < 1e-2 else "DIFFERENT detections")
+sys.exit(0 if worst < 1e-2 else 1)
 PYCODE
 step throughput 150 "$PY" benchmarks/bench_cascade.py --throughput --no-peers --json "$OUT/throughput.json"
 step train 120 "$PY" benchmarks/bench_train.py --stages pnet rnet onet --sizes 60000 --memory-stage onet \
