@@ -114,14 +114,27 @@ def box_loss(
     return masked_mean(per_sample_l2(box_Bx4, _only_masked(target_Bx4, mask_B)), mask_B, axis_name)
 
 
+def _landmark_mean(per_sample, landmarks_Bx10, target_Bx10, labels_B, axis_name) -> jax.Array:
+    """`per_sample(landmarks, targets)` averaged over the landmark samples."""
+    mask_B = task_masks(labels_B)["landmark"]
+    return masked_mean(per_sample(landmarks_Bx10, _only_masked(target_Bx10, mask_B)), mask_B, axis_name)
+
+
 def landmark_loss(
     landmarks_Bx10: jax.Array, target_Bx10: jax.Array, labels_B: jax.Array, axis_name: str | None = None,
     norm: str = "l2",
 ) -> jax.Array:
     """Distance of the 10 landmark coordinates to their targets (`LANDMARK_NORMS[norm]`: squared by
     default, as the paper), averaged over the landmark samples."""
-    mask_B = task_masks(labels_B)["landmark"]
-    return masked_mean(LANDMARK_NORMS[norm](landmarks_Bx10, _only_masked(target_Bx10, mask_B)), mask_B, axis_name)
+    return _landmark_mean(LANDMARK_NORMS[norm], landmarks_Bx10, target_Bx10, labels_B, axis_name)
+
+
+def landmark_point_error(
+    landmarks_Bx10: jax.Array, target_Bx10: jax.Array, labels_B: jax.Array, axis_name: str | None = None
+) -> jax.Array:
+    """`per_sample_point_error` averaged over the landmark samples, a metric (no gradient)."""
+    landmarks_Bx10 = jax.lax.stop_gradient(landmarks_Bx10)
+    return _landmark_mean(per_sample_point_error, landmarks_Bx10, target_Bx10, labels_B, axis_name)
 
 
 def ohem_k(batch_size: int, ratio: float) -> int:
@@ -190,9 +203,7 @@ def multitask_loss(
     if "landmarks" in outputs:
         landmarks_Bx10 = _flat(outputs["landmarks"], size)
         terms["landmark"] = landmark_loss(landmarks_Bx10, batch["landmarks"], labels_B, axis_name, landmark_norm)
-        target_Bx10 = _only_masked(batch["landmarks"], masks["landmark"])
-        error_B = per_sample_point_error(jax.lax.stop_gradient(landmarks_Bx10), target_Bx10)
-        metrics["landmark_point_error"] = masked_mean(error_B, masks["landmark"], axis_name)
+        metrics["landmark_point_error"] = landmark_point_error(landmarks_Bx10, batch["landmarks"], labels_B, axis_name)
     weighted = {"cls": weights.cls * terms["cls"], "box": weights.box * terms["box"]}
     weighted["landmark"] = weights.landmark * terms["landmark"]
     total = weighted["cls"] + weighted["box"] + weighted["landmark"]
