@@ -9,7 +9,7 @@ set once at start-up instead, for sets that fit. The data order, the flips and t
 a pure function of (seed, s), so a run resumed from a checkpoint ends exactly where an uninterrupted one does,
 and streaming and in-memory runs give the same params.
 
-WORKDIR holds config.json, metrics.jsonl and checkpoints/ (the layout is `checkpoints`'). Run again, the
+WORKDIR holds config.json, metrics.jsonl and checkpoints/ (the layout is `run_dir`'s). Run again, the
 latest intact step is resumed ("resumed from step N"; a damaged step is set aside with a warning, a torn
 last metrics line dropped) and the metrics of the steps it redoes are dropped; a changed config field
 (other than `train_config.RESUME_FREE_FIELDS`) is refused unless `--allow-config-change`. No checkpoint
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline
+from mtcnn_jax import __version__, checkpoints, cli, distributed, input_pipeline, run_dir
 from mtcnn_jax.checkpoint_integrity import CheckpointWarning, saved_steps
 from mtcnn_jax.sample_shards import load_sample_set as load_samples  # a sample set, or the N shards of one
 from mtcnn_jax.provenance import samples_summary
@@ -73,8 +73,8 @@ def restore_or_init(workdir: str | Path, config: TrainConfig) -> TrainState:
     """The newest intact checkpoint's state in `workdir` if there is one, else a fresh state (from
     `config.init_from` if set)."""
     fresh = init_state(config)
-    like = checkpoints.state_tree(fresh.step, fresh.params, fresh.opt_state, config.seed)
-    tree = checkpoints.restore_state(Path(workdir), like)
+    like = run_dir.state_tree(fresh.step, fresh.params, fresh.opt_state, config.seed)
+    tree = run_dir.restore_state(Path(workdir), like)
     if tree is not None:
         return TrainState(jnp.asarray(tree["step"]), tree["params"], tree["opt_state"])
     if config.init_from:
@@ -86,8 +86,8 @@ def restore_or_init(workdir: str | Path, config: TrainConfig) -> TrainState:
 def check_resume(workdir: str | Path, config: TrainConfig, allow_config_change: bool = False) -> list[tuple]:
     """The (field, old, new) changes from the config of the run `workdir` holds to `config` ([] when there
     is no checkpoint to resume); ValueError naming each change outside RESUME_FREE_FIELDS unless allowed."""
-    previous = checkpoints.read_config(workdir)
-    if previous is None or not saved_steps(Path(workdir) / checkpoints.CHECKPOINT_DIR):
+    previous = run_dir.read_config(workdir)
+    if previous is None or not saved_steps(Path(workdir) / run_dir.CHECKPOINT_DIR):
         return []
     changes = config_changes(previous, config)
     guarded = [c for c in changes if c[0] not in RESUME_FREE_FIELDS]
@@ -119,7 +119,7 @@ class _MetricLog:
         seconds = time.perf_counter() - self.start
         record = {"step": step, "split": "train", **{k: v / self.count for k, v in self.sums.items()}}
         record["samples_per_sec"] = self.count * self.batch_size / max(seconds, 1e-9)
-        checkpoints.write_metrics(self.workdir, record)
+        run_dir.write_metrics(self.workdir, record)
         shown = dict(loss=f"{record['loss']:.4f}", cls=f"{record['cls']:.4f}", box=f"{record['box']:.4f}",
                      acc=f"{record['accuracy']:.3f}")
         bar.set_postfix(shown)
@@ -147,7 +147,7 @@ def _unsafe(metrics: dict[str, float], step: int, config: TrainConfig) -> str | 
 def _saved_line(saved: int | None, workdir: Path) -> str:
     if saved is None:
         return "no checkpoint was saved before it"
-    return f"the last checkpoint, step {saved} (all finite), is in {workdir / checkpoints.CHECKPOINT_DIR}"
+    return f"the last checkpoint, step {saved} (all finite), is in {workdir / run_dir.CHECKPOINT_DIR}"
 
 
 @contextlib.contextmanager
@@ -193,7 +193,8 @@ def train(config: TrainConfig, source: Any, workdir: str | Path, *, until_step: 
     try:  # every process's checks, then all start or all stop
         check_config(config, jax.device_count())
         distributed.check_devices()
-        workdir = checkpoints.check_workdir(workdir, config.stage, config.optimizer, config.init_from)
+        workdir = run_dir.check_workdir(workdir, config.stage, config.optimizer)
+        checkpoints.check_init_from(config.init_from, config.stage)
         changes = check_resume(workdir, config, allow_config_change)
         samples = input_pipeline.open_samples(source, config, in_memory=in_memory)
     except (ValueError, OSError) as err:
@@ -216,7 +217,7 @@ def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple],
     if count > 1:
         provenance["processes"] = count
     if primary:
-        checkpoints.write_config(workdir, dataclasses.asdict(config))
+        run_dir.write_config(workdir, dataclasses.asdict(config))
     last = config.steps if until_step is None else min(until_step, config.steps)
     step_fn, log = compiled_step(config), _MetricLog(workdir, config)
 
@@ -231,11 +232,11 @@ def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple],
     first = int(state.step)
     if first and primary:
         note = f"; config changed: {_changes_text(changes)}" if changes else ""
-        print(f"{log.desc}: resumed from step {first} of {workdir / checkpoints.CHECKPOINT_DIR}{note}",
+        print(f"{log.desc}: resumed from step {first} of {workdir / run_dir.CHECKPOINT_DIR}{note}",
               file=sys.stderr, flush=True)
     if primary:
-        checkpoints.trim_metrics(workdir, first)
-    with checkpoints.checkpoint_manager(workdir, config.max_checkpoints) as manager:
+        run_dir.trim_metrics(workdir, first)
+    with run_dir.checkpoint_manager(workdir, config.max_checkpoints) as manager:
         saved = manager.latest_step()
         good = replicate(state)  # the newest state checked finite: the only one ever saved
         bar = tqdm(range(first, last), initial=first, total=log.total, desc=log.desc,
@@ -259,7 +260,7 @@ def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple],
                     if primary and len(val_idx) and (done % config.eval_interval == 0 or done == config.steps):
                         params = jax.device_get(good.params)  # host copies: process 0 evaluates alone
                         val = evaluate(params, input_pipeline.eval_batches(samples, val_idx, config.batch_size), config)
-                        checkpoints.write_metrics(workdir, {"step": done, "split": "val", **val})
+                        run_dir.write_metrics(workdir, {"step": done, "split": "val", **val})
                     if done % config.checkpoint_interval == 0 or done == last:
                         saved = _save(manager, good, config, provenance)
                     if stop():
@@ -270,7 +271,7 @@ def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple],
             if at and at != manager.latest_step():
                 saved = _save(manager, good, config, provenance)
             manager.wait_until_finished()
-            where = f"saved step {saved} in {workdir / checkpoints.CHECKPOINT_DIR}" if saved else "nothing saved"
+            where = f"saved step {saved} in {workdir / run_dir.CHECKPOINT_DIR}" if saved else "nothing saved"
             raise TrainingInterrupted(f"stopped after step {at}, {where}; run the same command again to resume",
                                       saved) from None
         bar.close()
@@ -280,8 +281,8 @@ def _run(config: TrainConfig, samples: Any, workdir: Path, changes: list[tuple],
 
 def _save(manager: Any, replicated: TrainState, config: TrainConfig, provenance: dict[str, Any]) -> int:
     state = jax.device_get(replicated)  # the same host values on every process; Orbax writes them once
-    tree = checkpoints.state_tree(state.step, state.params, state.opt_state, config.seed)
-    return checkpoints.save_state(manager, tree, provenance)
+    tree = run_dir.state_tree(state.step, state.params, state.opt_state, config.seed)
+    return run_dir.save_state(manager, tree, provenance)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -362,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.initialize(*processes)
     data = cli.existing_dir(args.data, "--data")
     cli.output_dir(args.workdir, "--workdir")
-    checkpoints.check_workdir(args.workdir, config.stage, config.optimizer, config.init_from)
+    run_dir.check_workdir(args.workdir, config.stage, config.optimizer)
+    checkpoints.check_init_from(config.init_from, config.stage)
     check_resume(args.workdir, config, args.allow_config_change)
     try:
         with _one_line_warnings():

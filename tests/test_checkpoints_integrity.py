@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import BASE, assert_trees_equal, interrupt_at, read_metrics, synthetic_samples
 
-from mtcnn_jax import __version__, checkpoints, input_pipeline, train
+from mtcnn_jax import __version__, checkpoints, input_pipeline, run_dir, train
 from mtcnn_jax.checkpoint_integrity import (CheckpointWarning, DamagedCheckpointError, NonFiniteParamsError,
                                             array_checksums, verify_checksums)
 from mtcnn_jax.stages import STAGES
@@ -114,14 +114,14 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_bit_for_bit(samples, run, tmp_p
 
 
 def test_a_real_sigint_stops_after_the_step_and_saves_it(samples, run, tmp_path, capsys, monkeypatch):
-    write = checkpoints.write_metrics
+    write = run_dir.write_metrics
 
     def write_then_press_ctrl_c(workdir, record):  # in the main thread, as the terminal's SIGINT arrives
         write(workdir, record)
         if record == {**record, "step": 6, "split": "train"}:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(checkpoints, "write_metrics", write_then_press_ctrl_c)
+    monkeypatch.setattr(run_dir, "write_metrics", write_then_press_ctrl_c)
     # train stops after the step only over Python's own handler (a library's own is left alone): make sure
     # it is in place (one full CI run failed here once; the handler found is printed in a failure's output)
     print(f"SIGINT handler at the start: {signal.getsignal(signal.SIGINT)!r}")

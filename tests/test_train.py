@@ -409,7 +409,7 @@ def test_init_from_a_run_or_the_original_weights(uninterrupted, original_weights
     with pytest.raises(ValueError, match="not rnet params"):
         checkpoints.initial_params(rnet.init_from, "rnet", train_step.init_state(rnet).params)
     with pytest.raises(FileNotFoundError, match="init-from"):
-        checkpoints.check_workdir(tmp_path / "c", "pnet", "sgd", init_from=str(tmp_path / "nowhere"))
+        checkpoints.check_init_from(str(tmp_path / "nowhere"), "pnet")
     released = original_weights
     onet = dataclasses.replace(BASE, stage="onet", input_size=48, init_from="original")
     assert_trees_close(checkpoints.initial_params("original", "onet", train_step.init_state(onet).params),
