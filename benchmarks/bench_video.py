@@ -3,15 +3,15 @@
 facenet-pytorch's README protocol on this machine: the frames of a clip decoded in memory, detected
 batched and one by one, frames/s, at 540x960, 720x1280 and 1080x1920, all in one run. Ours runs the
 whole cascade on every frame (one bucket fitted to the frame size, compiled once: its compile is
-reported apart) at each --batches size (`detect.detect_stream`), and with re-detection every N frames
-(`detect_stream(..., redetect_every=N)`),
+reported apart) at each --batches size (`detect.detect_stream`; with --workers W also W batches at once
+against the default 2), and with re-detection every N frames (`detect_stream(..., redetect_every=N)`),
 whose recall is measured against the whole cascade's faces on the same frames (IoU >= 0.5).
 The clip: --clip FILE (decoded and resized to each size), else one made by make_clip.py from the shared
 photos (no real clip ships with the shared data; the output says which), in shots of --shot frames (2 s:
 TV and film shots run a few seconds, camera streams have no cuts; every cut costs re-detection recall).
 
 Usage: PYTHONPATH=. python benchmarks/bench_video.py [--clip FILE] [--frames 120] [--shot 60] [--sizes 540x960,...]
-       [--batches 1,4] [--every 5,10] [--no-peers] [--peers-python PY] [--peer-device cuda] [--json OUT]
+       [--batches 1,4] [--workers 1,2] [--every 5,10] [--no-peers] [--peers-python PY] [--peer-device cuda] [--json OUT]
 """
 
 from __future__ import annotations
@@ -78,15 +78,20 @@ def bench_size(frames: list[np.ndarray], args: argparse.Namespace, params, workd
     config = CascadeConfig()  # detect_stream fits the bucket to the frames (buckets.STREAM_BUCKET_MULTIPLE)
     n, row = len(frames), {"frames": len(frames), "size": "x".join(map(str, frames[0].shape[:2]))}
 
-    def stream(batch: int, every: int | None = None, upto: int = n) -> list:
+    def stream(batch: int, every: int | None = None, upto: int = n, workers: int | None = None) -> list:
         pairs = [("clip", f) for f in frames[:upto]]
-        return [d for _, _, d in detect_stream(pairs, params, config=config, batch_size=batch, redetect_every=every)]
+        return [d for _, _, d in detect_stream(pairs, params, config=config, batch_size=batch, redetect_every=every,
+                                               workers=workers)]
 
     full = None
     for batch in args.batches:
         row[f"ours_b{batch}_first_s"], _ = timed(lambda: stream(batch, upto=batch))  # the compile
         seconds, dets = timed(lambda: stream(batch))
         row[f"ours_b{batch}_fps"], full = n / seconds, full or dets
+        for workers in args.workers:  # the same frames with `workers` batches at once (default: 2)
+            seconds, dets = timed(lambda: stream(batch, workers=workers))
+            row[f"ours_b{batch}_w{workers}_fps"] = n / seconds
+            assert [len(d) for d in dets] == [len(d) for d in full], "another worker count found other faces"
     for every in args.every:
         stream(1, every, upto=2)  # compiles the re-detection program
         seconds, dets = timed(lambda: stream(1, every))
@@ -114,6 +119,8 @@ def main() -> None:
     p.add_argument("--sizes", default="540x960,720x1280,1080x1920")
     p.add_argument("--batches", default="1,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--every", default="5,10", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--workers", default=[], type=lambda s: [int(v) for v in s.split(",")],
+                   help="also time ours with these numbers of batches at once (e.g. 1,2; the default is 2)")
     p.add_argument("--peer-batch", type=int, default=8)
     p.add_argument("--peer-device", default="cpu", help="facenet-pytorch's torch device (cuda on a GPU machine)")
     p.add_argument("--peers-python", default=os.environ.get("PEERS_PYTHON", "/work/peers/bin/python"))
@@ -134,6 +141,7 @@ def main() -> None:
     print(f"clip: {args.clip or 'made by make_clip.py from the shared photos (no real clip at hand)'}")
     for r in rows:
         line = f"{r['size']}: ours " + ", ".join(f"batch {b} {r[f'ours_b{b}_fps']:.2f}" for b in args.batches)
+        line += "".join(f" (workers {w}: {r[f'ours_b{b}_w{w}_fps']:.2f})" for b in args.batches for w in args.workers)
         line += "".join(f"; re-detect/{e} {r[f'redetect{e}_fps']:.2f} (recall {r[f'redetect{e}_recall']:.3f})"
                         for e in args.every) + " frames/s"
         if "facenet_batched_fps" in r:

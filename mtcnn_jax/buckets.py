@@ -82,6 +82,13 @@ def default_batch_size() -> int:
     return 1 if jax.default_backend() == "cpu" else 8
 
 
+def default_stream_workers() -> int:
+    """Batches of a stream run at once (`streams.Detector.workers`): 2, so that one batch's sequential parts
+    (NMS, the stage loops; on an accelerator the host's padding and copying) leave no core idle
+    (benchmarks/README.md, "Video")."""
+    return 2
+
+
 def batch_sizes(n: int, batch_size: int) -> list[int]:
     """How n images of one bucket are run: full batches of `batch_size`, then the rest as powers of two
     (its binary digits), so no slot is padding and a bucket compiles at most a few batch shapes."""

@@ -175,41 +175,52 @@ def detect(image: ImageSource, params: Any = None, *, min_face_size: float = MIN
 
 
 def stream_detector(params: Any, config: CascadeConfig, batch_size: int | None = None,
-                    redetect_every: int | None = None) -> streams.Detector:
+                    redetect_every: int | None = None, workers: int | None = None) -> streams.Detector:
     """The cascade as `streams.detect_frames` runs it: `params` as `resolve_params` takes them, `batch_size`
     frames a batch (default `buckets.default_batch_size()`), buckets fitted to the frames
     (`buckets.STREAM_BUCKET_MULTIPLE` unless config sets bucket_multiple); `redetect_every` N > 1: the whole
-    cascade every N frames of a stream, re-detection around its last faces in between (`redetection`)."""
+    cascade every N frames of a stream, re-detection around its last faces in between (`redetection`), one
+    batch at a time; else `workers` batches at once (default `buckets.default_stream_workers()`)."""
     params = resolve_params(params)
     config = dataclasses.replace(config, bucket_multiple=config.bucket_multiple or buckets.STREAM_BUCKET_MULTIPLE)
     batch_size = batch_size or buckets.default_batch_size()
     if redetect_every is not None and (int(redetect_every) != redetect_every or redetect_every < 1):
         raise ValueError(f"redetect_every must be a whole number >= 1, got {redetect_every!r}")
+    if workers is not None and (int(workers) != workers or workers < 1):
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     if redetect_every and redetect_every > 1:
+        if workers not in (None, 1):  # re-detection follows each stream's faces from batch to batch
+            raise ValueError(f"re-detection runs one batch at a time (workers=1), got workers={workers}")
+        workers = 1
         run = redetection.batch_runner(redetection.Redetector.of(params, redetect_every, config, batch_size))
     else:
+        workers = workers or buckets.default_stream_workers()
+
         def run(frames: list[np.ndarray], bucket: buckets.Bucket, sources: list) -> list[Detections]:
             return run_batch(params, frames, bucket, config)
     return streams.Detector(run, config, batch_size, empty_detections({}),
-                            lambda det, note: dataclasses.replace(det, converted=note), _warn_overflow, params)
+                            lambda det, note: dataclasses.replace(det, converted=note), _warn_overflow, params,
+                            workers)
 
 
 def detect_stream(frames: Iterable[tuple[Hashable, ImageSource]] | Mapping[Hashable, Iterable[ImageSource]],
                   params: Any = None, *, min_face_size: float = MIN_FACE_SIZE, scale_factor: float = SCALE_FACTOR,
                   thresholds: Sequence[float] = THRESHOLDS, config: CascadeConfig | None = None,
                   batch_size: int | None = None, redetect_every: int | None = None,
-                  strict: bool = False) -> Iterator[tuple[Hashable, int, Detections | ImageError]]:
+                  strict: bool = False, workers: int | None = None,
+                  ) -> Iterator[tuple[Hashable, int, Detections | ImageError]]:
     """Faces in the frames of one or more streams, as they come: `frames` is (source, frame) pairs, or
     {source: iterable of frames} read on a thread per source (cameras that do not wait for one another).
     Yields (source, k, Detections) for each source's k-th frame (from 0), in each source's order; a bad
     frame yields its ImageError. Frames of one bucket run together whatever their source, `batch_size` at
     a time: a frame waits until its batch fills (batch_size=1: never), its source ends or moves to another
     size, or the input ends (see `streams`). `redetect_every` N > 1 (off by default): faster, finding new
-    faces only every N frames (`redetection`: its recall cost is in benchmarks/README.md)."""
+    faces only every N frames (`redetection`: its recall cost is in benchmarks/README.md). `workers`: batches
+    run at once (default `buckets.default_stream_workers()`; 1 with re-detection)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     detector = stream_detector(params, make_config(config, min_face_size, scale_factor, thresholds), batch_size,
-                               redetect_every)
+                               redetect_every, workers)
     return streams.detect_frames(streams.numbered(frames, 4 * detector.batch_size), detector, strict=strict)
 
 

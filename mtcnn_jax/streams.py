@@ -2,12 +2,13 @@
 
 `detect_frames` is the scheduler under `detect.detect_stream` and the video command line. Each frame is
 checked (`images.load_converted`) and queued in its bucket (`buckets.bucket_shape`); a bucket's queue runs
-as one batch as soon as it holds `batch_size` frames, whichever streams they came from, on a worker thread,
-so that the next batch is read, padded and queued while the device runs the last one (at most `depth`
-batches wait). A batch that cannot fill (its stream ended, or moved to another bucket; the end of the
-input) runs padded with copies of its last frame, so a bucket needs one compiled program whatever the
-number of frames. Results come back per source in the order its frames came; the sources' results are
-interleaved as they are ready.
+as one batch as soon as it holds `batch_size` frames, whichever streams they came from, on `workers`
+threads, so that the next batch is read, padded and queued while the device runs the last one (at most
+`depth` batches wait), and with two workers two batches run at once (on CPU the cascade's sequential
+parts, NMS and the stage loops, leave a core idle that the other batch takes). A batch that cannot fill
+(its stream ended, or moved to another bucket; the end of the input) runs padded with copies of its last
+frame, so a bucket needs one compiled program whatever the number of frames. Results come back per source
+in the order its frames came; the sources' results are interleaved as they are ready.
 
 Items are `(source, tag, frame)`: `tag` comes back with the result (a frame index, the pixels to draw);
 `frame` is an image (array, PIL image or path), a `Passed(value)` that is not detected and comes back as
@@ -57,7 +58,7 @@ class Detector:
     bound; `sources`: each frame's source, None for the copies padding the batch, which re-detection needs:
     `redetection.batch_runner`), `empty` is the result of a frame too small for one pyramid level,
     `noted(result, note)` the result with the frame's conversion to RGB noted, `warn(name, result)` reports a
-    full capacity; `params` are the weights (for compiling ahead)."""
+    full capacity; `params` are the weights (for compiling ahead); `workers` batches run at once."""
 
     run: Callable[[list[np.ndarray], Bucket, list[Hashable | None]], list[Any]]
     config: CascadeConfig
@@ -66,6 +67,7 @@ class Detector:
     noted: Callable[[Any, str], Any] = lambda result, note: result
     warn: Callable[[str, Any], None] = lambda name, result: None
     params: Any = None
+    workers: int = 1  # batches run at once; 1 for a `run` that keeps state from batch to batch (re-detection)
 
 
 @dataclass(eq=False)
@@ -88,11 +90,14 @@ class _Router:
     detector: Detector
     depth: int
     strict: bool
-    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="mtcnn-stream"))
+    pool: ThreadPoolExecutor = field(init=False)
     waiting: dict[Bucket, list[tuple[_Slot, np.ndarray]]] = field(default_factory=dict)
     running: deque[tuple[Future, list[_Slot]]] = field(default_factory=deque)
     order: dict[Hashable, deque[_Slot]] = field(default_factory=dict)
     last_bucket: dict[Hashable, Bucket] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.detector.workers, thread_name_prefix="mtcnn-stream")
 
     def put(self, source: Hashable, tag: Any, frame: Any, name: str) -> None:
         """Queue one item: a frame in its bucket (its batch sent when full), a Passed value or an error as done."""
@@ -176,8 +181,9 @@ def detect_frames(items: Iterable[Item], detector: Detector, *, name: Callable[[
     """(source, tag, result) for each (source, tag, frame) item that is not END: the frame's Detections
     (or ImageError, e.g. a frame that is not an image: `name(source, tag)` names it), or a Passed value;
     in each source's order, sources interleaved as their results are ready (see the module docstring)."""
-    if detector.batch_size < 1 or depth < 1:
-        raise ValueError(f"batch_size and depth must be >= 1, got {detector.batch_size} and {depth}")
+    if detector.batch_size < 1 or depth < 1 or detector.workers < 1:
+        raise ValueError(f"batch_size, depth and workers must be >= 1, got {detector.batch_size}, {depth} and "
+                         f"{detector.workers}")
     router = _Router(detector, depth, strict)
     try:
         for source, tag, frame in items:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import missing
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import compile_cache, detect, streams, video
+from mtcnn_jax import buckets, compile_cache, detect, streams, video
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.images import ImageError
@@ -213,6 +213,41 @@ def test_a_source_that_ends_or_changes_size_runs_its_frames_at_once():
     # d's first frame ran alone when d moved to another size (not with e's), e's when e ended (before d's
     # second frame, which waited for the input's end)
     assert calls == [((128, 128), [1] * 4), ((128, 128), [3] * 4), ((256, 384), [2] * 4)]
+
+
+def test_two_workers_run_two_batches_at_once_and_results_keep_their_order():
+    """Batches that finish out of order (each waits until the next one has started) come back in order."""
+    started = [threading.Event() for _ in range(6)]
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def run(frames, bucket, sources):
+        k = int(frames[0][0, 0, 0])
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        started[k].set()
+        if k + 1 < len(started):
+            assert started[k + 1].wait(timeout=10), "the next batch never started alongside this one"
+        with lock:
+            running[0] -= 1
+        return [(k, f.shape[:2]) for f in frames]
+
+    detector = streams.Detector(run, CascadeConfig(), 1, empty="no level", workers=2)
+    out = list(streams.detect_frames(streams.numbered([("s", frame(k)) for k in range(6)], 4), detector))
+    assert out == [("s", k, (k, (40, 50))) for k in range(6)] and most[0] == 2
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        next(streams.detect_frames(iter([]), streams.Detector(run, CascadeConfig(), 1, None, workers=0)))
+
+
+def test_the_stateless_cascade_runs_two_batches_re_detection_one(original_weights):
+    assert detect.stream_detector(original_weights, CascadeConfig()).workers == buckets.default_stream_workers() == 2
+    assert detect.stream_detector(original_weights, CascadeConfig(), redetect_every=5).workers == 1
+    assert detect.stream_detector(original_weights, CascadeConfig(), workers=3).workers == 3
+    for bad, kwargs in [("workers must be a whole number", {"workers": 0}),
+                        ("one batch at a time", {"workers": 2, "redetect_every": 5})]:
+        with pytest.raises(ValueError, match=bad):
+            detect.stream_detector(original_weights, CascadeConfig(), **kwargs)
 
 
 def test_merged_sources_keep_their_order_and_stop_when_closed():
