@@ -82,9 +82,9 @@ def default_batch_size() -> int:
     return 1 if jax.default_backend() == "cpu" else 8
 
 
-def default_stream_workers() -> int:
-    """Batches of a stream run at once (`streams.Detector.workers`): 2, so that one batch's sequential parts
-    (NMS, the stage loops; on an accelerator the host's padding and copying) leave no core idle
+def default_workers() -> int:
+    """Batches run at once by `detect_stream` and the detect command line: 2, so that one batch's sequential
+    parts (NMS, the stage loops; on an accelerator the host's padding and copying) leave no core idle
     (benchmarks/README.md, "Video")."""
     return 2
 

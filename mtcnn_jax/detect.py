@@ -20,7 +20,9 @@ import functools
 import os
 import sys
 import warnings
-from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -78,28 +80,38 @@ def make_config(config: CascadeConfig | None, min_face_size: float, scale_factor
     return config
 
 
-def _warn_overflow(name: str, det: Detections) -> None:
-    """One CapacityWarning per stage that dropped candidates of this image, naming the field to raise."""
+def overflow_messages(name: str, det: Detections) -> list[str]:
+    """One line per stage that dropped candidates of this image, naming the field (and flag) to raise."""
+    lines = []
     for stage, dropped in det.overflow.items():
         if dropped > 0:
             field_name = CAPACITY_FIELDS.get(stage)
             field = (f"CascadeConfig.{field_name} ({capacity_flag(field_name)})" if field_name
                      else "the matching capacity")
-            warnings.warn(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
-                          f"raise {field} to keep them", CapacityWarning, stacklevel=4)
+            lines.append(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
+                         f"raise {field} to keep them")
+    return lines
+
+
+def _warn_overflow(name: str, det: Detections) -> None:
+    """One CapacityWarning per stage that dropped candidates of this image (`overflow_messages`)."""
+    for line in overflow_messages(name, det):
+        warnings.warn(line, CapacityWarning, stacklevel=4)
 
 
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
                   config: CascadeConfig, batch_size: int | None = None,
-                  converted: Sequence[str | None] | None = None) -> list[Detections | ImageError]:
+                  converted: Sequence[str | None] | None = None,
+                  warn: Callable[[str, Detections], None] = _warn_overflow) -> list[Detections | ImageError]:
     """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
-    the batches of `buckets.plan`; `converted` (one note or None per image) goes into the Detections."""
+    the batches of `buckets.plan`; `converted` (one note or None per image) goes into the Detections;
+    `warn(name, detections)` for each image (default: CapacityWarnings for a full capacity)."""
     results: list[Detections | ImageError] = [
         img if isinstance(img, ImageError) else empty_detections({}) for img in images]  # no level: no face
     sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
     for bucket, chunk in buckets.plan(sizes, config, batch_size or buckets.default_batch_size()):
         for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
-            _warn_overflow(names[i], det)
+            warn(names[i], det)
             results[i] = det
     for i, note in enumerate(converted or ()):
         if note and isinstance(results[i], Detections):
@@ -180,7 +192,7 @@ def stream_detector(params: Any, config: CascadeConfig, batch_size: int | None =
     frames a batch (default `buckets.default_batch_size()`), buckets fitted to the frames
     (`buckets.STREAM_BUCKET_MULTIPLE` unless config sets bucket_multiple); `redetect_every` N > 1: the whole
     cascade every N frames of a stream, re-detection around its last faces in between (`redetection`), one
-    batch at a time; else `workers` batches at once (default `buckets.default_stream_workers()`)."""
+    batch at a time; else `workers` batches at once (default `buckets.default_workers()`)."""
     params = resolve_params(params)
     config = dataclasses.replace(config, bucket_multiple=config.bucket_multiple or buckets.STREAM_BUCKET_MULTIPLE)
     batch_size = batch_size or buckets.default_batch_size()
@@ -194,7 +206,7 @@ def stream_detector(params: Any, config: CascadeConfig, batch_size: int | None =
         workers = 1
         run = redetection.batch_runner(redetection.Redetector.of(params, redetect_every, config, batch_size))
     else:
-        workers = workers or buckets.default_stream_workers()
+        workers = workers or buckets.default_workers()
 
         def run(frames: list[np.ndarray], bucket: buckets.Bucket, sources: list) -> list[Detections]:
             return run_batch(params, frames, bucket, config)
@@ -216,7 +228,7 @@ def detect_stream(frames: Iterable[tuple[Hashable, ImageSource]] | Mapping[Hasha
     a time: a frame waits until its batch fills (batch_size=1: never), its source ends or moves to another
     size, or the input ends (see `streams`). `redetect_every` N > 1 (off by default): faster, finding new
     faces only every N frames (`redetection`: its recall cost is in benchmarks/README.md). `workers`: batches
-    run at once (default `buckets.default_stream_workers()`; 1 with re-detection)."""
+    run at once (default `buckets.default_workers()`; 1 with re-detection)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     detector = stream_detector(params, make_config(config, min_face_size, scale_factor, thresholds), batch_size,
@@ -241,20 +253,18 @@ def _summary(det: Detections) -> str:
 
 
 def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg: CascadeConfig,
-                  batch_size: int, report: Any) -> list[Detections | ImageError]:
-    """detect_loaded on one chunk, its CapacityWarnings reported; a failure of the run itself (e.g. out
-    of memory on a huge image) is each of the chunk's images' ImageError, and the run goes on."""
+                  batch_size: int) -> tuple[list[Detections | ImageError], list[str]]:
+    """detect_loaded on one chunk (on a worker thread), and its capacity warnings as lines; a failure of the
+    run itself (e.g. out of memory on a huge image) is each of the chunk's images' ImageError."""
+    lines: list[str] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CapacityWarning)
-            results = detect_loaded(loaded, names, params, cfg, batch_size, notes)
+        results = detect_loaded(loaded, names, params, cfg, batch_size, notes,
+                                warn=lambda name, det: lines.extend(overflow_messages(name, det)))
     except Exception as err:  # noqa: BLE001 - reported per image, never lost in a traceback
         why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         return [x if isinstance(x, ImageError) else ImageError(f"{n}: detection failed ({why}); run it alone "
-                f"with {cli.TRACEBACK_VARIABLE}=1 to see why") for x, n in zip(loaded, names)]
-    for w in caught:
-        report(f"warning: {w.message}")
-    return results
+                f"with {cli.TRACEBACK_VARIABLE}=1 to see why") for x, n in zip(loaded, names)], []
+    return results, [f"warning: {line}" for line in lines]
 
 
 def _work_order(files: Sequence[str], cfg: CascadeConfig,
@@ -295,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("every", "redetect_every"):
         if getattr(args, flag) != 1 and not videos:
             parser.error(f"--{flag.replace('_', '-')} is for videos: the inputs hold none")
-    detector_of = functools.partial(stream_detector, args.weights, cfg, redetect_every=args.redetect_every)
+    detector_of = functools.partial(stream_detector, args.weights, cfg, redetect_every=args.redetect_every,
+                                    workers=args.workers)
     videos_failed = video.main(parser, args, videos, files, detector_of) if videos else 0
     if not files:
         return videos_failed
@@ -320,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     params = resolve_params(args.weights)
     batch_size = args.batch_size or buckets.default_batch_size()
+    workers = args.workers or buckets.default_workers()
     batches, order = _work_order([files[i] for i in todo], cfg, batch_size)
     faces = done = 0
     with outputs.ResultsJson(args.json) as results, \
@@ -335,14 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if i not in copies or files[i] != files[copies[i]]:  # the same string has its entry already
                 results.add(files[i], {"error": str(err)})
 
-        for i, err in list(errors.items()):
-            failed(i, err)
-        bar.update(len(errors))
-        for chunk in order:
-            indices = [todo[k] for k in chunk]
-            names = [files[i] for i in indices]
-            loaded, notes = map(list, zip(*[_try_load(n, n, args.strict) for n in names]))
-            found = _detect_chunk(loaded, names, notes, params, cfg, batch_size, report)
+        def finish(indices: list[int], loaded: list, found: list, lines: list[str]) -> None:
+            nonlocal faces, done
+            for line in lines:
+                report(line)
             for i, img, det in zip(indices, loaded, found):
                 if isinstance(det, ImageError):
                     failed(i, det)
@@ -357,7 +365,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 faces, done = faces + len(det), done + 1
                 if not args.json:
                     report(f"{files[i]}: {_summary(det)}", err=False)
-            bar.update(len(chunk))
+            bar.update(len(indices))
+
+        for i, err in list(errors.items()):
+            failed(i, err)
+        bar.update(len(errors))
+        running: deque = deque()  # (indices, loaded, future), in the order of `order`: results go out in it
+        with ThreadPoolExecutor(workers, thread_name_prefix="mtcnn-detect") as pool:
+            try:
+                for chunk in order:
+                    indices = [todo[k] for k in chunk]
+                    names = [files[i] for i in indices]
+                    loaded, notes = map(list, zip(*[_try_load(n, n, args.strict) for n in names]))
+                    running.append((indices, loaded, pool.submit(_detect_chunk, loaded, names, notes, params, cfg,
+                                                                 batch_size)))
+                    while len(running) > workers or running and running[0][2].done():
+                        indices, loaded, future = running.popleft()
+                        finish(indices, loaded, *future.result())
+            finally:  # also on Ctrl-C or a crash: the images already sent (at most workers + 1) are kept
+                while running:
+                    indices, loaded, future = running.popleft()
+                    finish(indices, loaded, *future.result())
     print(f"{done} images, {faces} faces, {len(errors)} errors" + (f" (written to {args.json})" if args.json else ""))
     return 1 if errors or videos_failed else 0
 

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images (video frames) of one bucket run together (default: 1 on CPU, where larger "
                         "batches run slower per image, 8 on accelerators)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="batches run at once (default: 2, so that no core waits on another's sequential "
+                        "parts; 1 with --redetect-every, which follows faces from batch to batch); each "
+                        "holds its own working memory")
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="videos: run the cascade on every Nth frame (0, N, 2N, ...); the frames between have no "
                         "JSON line and are drawn with the last detected frame's boxes")
@@ -141,6 +145,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for flag in ("every", "redetect_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.workers not in (None, 1) and args.redetect_every > 1:
+        parser.error(f"--redetect-every runs one batch at a time (it follows faces from batch to batch): "
+                     f"drop --workers {args.workers}")
     flags = {f: getattr(args, f) for f in (*CAPACITY_FIELDS.values(), "min_face_size", "scale_factor",
                                            "bucket_multiple", "mirror_landmarks")}
     try:

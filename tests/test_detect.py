@@ -445,7 +445,8 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
     Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
-    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes: seen.append(cfg) or
+    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes, warn:
+                        seen.append(cfg) or
                         [detect.empty_detections({}) for _ in images])
     assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
     assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,6 +180,32 @@ def test_same_names_drawn_apart(tmp_path, fake_cascade, capsys):
     assert widths == {"a/x.jpg": 40, "b/x.jpg": 41, "c/x.png": 42, "c/x-2.png": 43, "c/X-3.PNG": 44}
 
 
+def test_workers_keep_the_order_results_and_warnings(tmp_path, monkeypatch, capsys):
+    """Two or three images at once (the first one slowest, so later ones finish first) write the same JSON, in
+    the same order, with each capacity warning once, as one at a time."""
+    widths = [60, 70, 80, 90, 100]
+    inputs = [save(tmp_path / "in" / f"{k}.png", Image.fromarray(rgb(50, w, seed=k))) for k, w in enumerate(widths)]
+    bucket = fake_bucket([], overflow_for=80)
+
+    def slow_first(params, images_BxHxWx3, sizes_Bx2, config):
+        time.sleep(0.3 if sizes_Bx2[0, 1] == widths[0] else 0.0)
+        return bucket(params, images_BxHxWx3, sizes_Bx2, config)
+
+    monkeypatch.setattr(compiled, "detect_bucket", slow_first, raising=False)
+    monkeypatch.setattr(compiled, "CompileAhead", NoCompile)
+    monkeypatch.setattr(detect, "resolve_params", lambda weights: FAKE_PARAMS)
+    written = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}.json"
+        assert detect.main([*inputs, "--json", str(out), "--workers", str(workers), "--bucket-multiple", "64"]) == 0
+        written[workers] = list(json.loads(out.read_text()).items())
+        warned = [line for line in capsys.readouterr().err.splitlines() if "candidates dropped" in line]
+        assert warned == [f"warning: {inputs[2]}: 7 candidates dropped at stage 'rnet' (capacity full); raise "
+                          f"CascadeConfig.rnet_capacity (--rnet-capacity) to keep them"]
+    assert [path for path, _ in written[1]] == inputs
+    assert written[2] == written[1] and written[3] == written[1]
+
+
 def test_json_valid_after_a_crash_mid_run(tmp_path, fake_cascade, monkeypatch, capsys):
     inputs = [save(tmp_path / "in" / f"{k}.png", Image.fromarray(rgb(40, 40, seed=k))) for k in range(5)]
     seen = []
@@ -211,6 +238,8 @@ BAD_FLAGS = [
     (["--min-face-size", "0"], "--min-face-size must be a number > 0"), (["--min-face-size", "nan"], "--min-face-size"),
     (["--scale-factor", "1"], "--scale-factor must be a number in (0, 1)"), (["--scale-factor", "-0.5"], "--scale-factor"),
     (["--bucket-multiple", "-1"], "--bucket-multiple must be >= 0"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "2", "--redetect-every", "5"], "--redetect-every runs one batch at a time"),
 ]
 
 

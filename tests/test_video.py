@@ -241,7 +241,7 @@ def test_two_workers_run_two_batches_at_once_and_results_keep_their_order():
 
 
 def test_the_stateless_cascade_runs_two_batches_re_detection_one(original_weights):
-    assert detect.stream_detector(original_weights, CascadeConfig()).workers == buckets.default_stream_workers() == 2
+    assert detect.stream_detector(original_weights, CascadeConfig()).workers == buckets.default_workers() == 2
     assert detect.stream_detector(original_weights, CascadeConfig(), redetect_every=5).workers == 1
     assert detect.stream_detector(original_weights, CascadeConfig(), workers=3).workers == 3
     for bad, kwargs in [("workers must be a whole number", {"workers": 0}),
