@@ -289,8 +289,9 @@ def _compiling(n: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: detect faces in images, videos and folders (`detect_flags.EPILOG` says what it checks and writes;
     videos run first, in `video.main`).
-    Each chunk's images are loaded, run and written before the next; the buckets the files need are
-    planned from their headers and compiled on a background thread while the compiled ones run."""
+    Chunks of images are loaded here and run `--workers` at a time on a pool while the next is loaded; each
+    chunk's results are written, in input order, as soon as it and those before it are done. The buckets the
+    files need are planned from their headers and compiled on a background thread while the compiled ones run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
