@@ -15,6 +15,7 @@ their checks and what it does: `detect_flags`; how it writes its files: `outputs
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -288,10 +289,7 @@ def _compiling(n: int) -> str:
 @cli.entry(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: detect faces in images, videos and folders (`detect_flags.EPILOG` says what it checks and writes;
-    videos run first, in `video.main`).
-    Chunks of images are loaded here and run `--workers` at a time on a pool while the next is loaded; each
-    chunk's results are written, in input order, as soon as it and those before it are done. The buckets the
-    files need are planned from their headers and compiled on a background thread while the compiled ones run."""
+    videos run first, in `video.main`, then the images, in `_detect_files`). Exit code 1 if any input failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
@@ -309,8 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector_of = functools.partial(stream_detector, args.weights, cfg, redetect_every=args.redetect_every,
                                     workers=args.workers)
     videos_failed = video.main(parser, args, videos, files, detector_of) if videos else 0
-    if not files:
-        return videos_failed
+    images_failed = _detect_files(parser, args, cfg, files) if files else 0
+    return 1 if images_failed or videos_failed else 0
+
+
+def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: CascadeConfig,
+                  files: list[str]) -> int:
+    """The CLI on image files: targets checked first; chunks loaded here, run `--workers` at a time while the
+    next loads (buckets compiled ahead on a thread), written in input order as done. Returns the failures."""
     copies = first_copies(files)
     errors: dict[int, ImageError] = {i: ImageError(
         f"{files[i]}: {'given' if files[i] == files[j] else f'the same file as {files[j]}'} twice; its results "
@@ -388,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     indices, loaded, future = running.popleft()
                     finish(indices, loaded, *future.result())
     print(f"{done} images, {faces} faces, {len(errors)} errors" + (f" (written to {args.json})" if args.json else ""))
-    return 1 if errors or videos_failed else 0
+    return len(errors)
 
 
 if __name__ == "__main__":
