@@ -56,7 +56,6 @@ def read_config(workdir: str | Path) -> dict[str, Any] | None:
     return fields
 
 
-
 def check_workdir(workdir: str | Path, stage: str, optimizer: str) -> Path:
     """`workdir` as a Path if a run of `stage` with `optimizer` can start or resume there (a new folder, or one
     holding such a run); else ValueError."""
