@@ -2,7 +2,7 @@
 cache (cold), the same command again (warm cache), and facenet-pytorch on the same files in a fresh
 process (model load included), all in one run; prints each wall and the ratios ours / facenet-pytorch.
 
-Usage: python benchmarks/bench_e2e.py [FOLDER...] [--out DIR]
+Usage: PYTHONPATH=. python benchmarks/bench_e2e.py [FOLDER...] [--out DIR]
 Default folders: the shared reference photos and the shared WIDER FACE val images. Needs the peers'
 virtualenv ($PEERS_PYTHON, default /work/peers/bin/python; ../shared/tools/peers/README.md). The
 original weights are fetched beforehand (both sides start with their weights on disk).
@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mtcnn_jax import buckets
+from mtcnn_jax.cascade_config import CascadeConfig
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("MTCNN_JAX_DATA", HERE.parents[1] / "shared" / "data"))
@@ -36,11 +39,22 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.Comple
     return wall, done
 
 
+def bucket_plan(files: list[str]) -> dict:
+    """The buckets of the ladder for these files, those a cold run compiles (merged where that spares a
+    compile, nothing compiled yet; batch 1, the CPU default) and their area over the images' area."""
+    cfg, sizes = CascadeConfig(), [buckets.header_hw(f) for f in files]
+    merged = buckets.merged_buckets(sizes, cfg, 1, lambda bucket, batch: False)
+    run = buckets.plan(sizes, cfg, 1, merged)
+    padded = sum(b[0] * b[1] for b, chunk in run for _ in chunk)
+    return {"ladder_buckets": len({b for b, _ in buckets.plan(sizes, cfg, 1)}), "buckets": len({b for b, _ in run}),
+            "padding": padded / sum(sizes[i][0] * sizes[i][1] for _, chunk in run for i in chunk)}
+
+
 def bench_folder(folder: Path, out: Path, peers_python: str) -> dict:
     """Cold and warm walls of the detect CLI and facenet-pytorch's wall on the images of one folder."""
     files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
     env = dict(os.environ)
-    result: dict = {"folder": str(folder), "images": len(files)}
+    result: dict = {"folder": str(folder), "images": len(files), **bucket_plan(files)}
     with tempfile.TemporaryDirectory() as cache:
         for run in ("cold", "warm"):
             json_out = out / f"{folder.name}_{run}.json"
@@ -72,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "import mtcnn_jax; mtcnn_jax.load_pretrained()"], check=True)
     rows = []
     print("| folder | images | ours cold s | ours warm s | facenet-pytorch s | cold / facenet | warm / facenet "
-          "| faces ours / facenet |\n|---|---|---|---|---|---|---|---|")
+          "| faces ours / facenet | buckets (ladder) | padded area |\n|---|---|---|---|---|---|---|---|---|---|")
     for folder in args.folders:
         r = bench_folder(folder, args.out, peers_python)
         rows.append(r)
         print(f"| {folder.name} | {r['images']} | {r['ours_cold_s']:.1f} | {r['ours_warm_s']:.1f} | "
               f"{r['facenet_s']:.1f} | {r['cold_ratio']:.2f} | {r['warm_ratio']:.2f} | "
-              f"{r['ours_warm_faces']} / {r['facenet_faces']} |", flush=True)
+              f"{r['ours_warm_faces']} / {r['facenet_faces']} | {r['buckets']} ({r['ladder_buckets']}) | "
+              f"{r['padding']:.2f}x |", flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     return 0
 

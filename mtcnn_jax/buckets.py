@@ -8,8 +8,9 @@ Compiling and running those shapes is `compiled.py`'s part.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +26,11 @@ BUCKET_BASE = 128  # the smallest bucket side: P-Net's work on a smaller image i
 # Video frames and camera streams: one size per stream, so the ladder's coarse steps would only add
 # padding; their sides are rounded up to this multiple instead (unless a config sets bucket_multiple).
 STREAM_BUCKET_MULTIPLE = 16
+# A bucket's images run in a larger bucket when that spares a compile and pads them by at most this many
+# pixels more: on CPU a bucket's compile costs about as much as detection on 30 Mpixel of bucket area
+# (benchmarks/README.md, "Fewer compiles"), so the padding costs less than the compile it spares until
+# the same images have run about 15 times; on accelerators a compile weighs more against the pixels.
+MERGE_PIXELS = 2**21
 
 
 def bucket_side(n: int, multiple: int = 0) -> int:
@@ -100,19 +106,54 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return sizes
 
 
-def plan(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig,
-         batch_size: int) -> list[tuple[Bucket, list[int]]]:
-    """The batches (bucket, image indices) that run images of these sizes, bucket by bucket in order of
-    first appearance. None, and images too small for one pyramid level, are left out."""
+def _ladder_groups(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig) -> dict[Bucket, list[int]]:
+    """Image indices by ladder bucket, in order of first appearance; None, and images too small for one
+    pyramid level, left out."""
     groups: dict[Bucket, list[int]] = {}
     for i, hw in enumerate(sizes_hw):
         if hw is not None and pyramid_scales(*hw, config.min_face_size, config.scale_factor):
             groups.setdefault(bucket_shape(*hw, config), []).append(i)
+    return groups
+
+
+def plan(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig, batch_size: int,
+         merged: Mapping[Bucket, Bucket] | None = None) -> list[tuple[Bucket, list[int]]]:
+    """The batches (bucket, image indices) that run images of these sizes, bucket by bucket in order of
+    first appearance. None, and images too small for one pyramid level, are left out. `merged` (from
+    `merged_buckets`) sends the images of a bucket to the larger one it names."""
+    groups: dict[Bucket, list[int]] = {}
+    for bucket, indices in _ladder_groups(sizes_hw, config).items():
+        groups.setdefault((merged or {}).get(bucket, bucket), []).extend(indices)
     batches = []
     for bucket, indices in groups.items():
-        start = 0
+        indices, start = sorted(indices), 0
         for size in batch_sizes(len(indices), batch_size):
             batches.append((bucket, indices[start : start + size]))
             start += size
     return batches
 
+
+def merged_buckets(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeConfig, batch_size: int,
+                   ready: Callable[[Bucket, int], bool], budget: int = MERGE_PIXELS) -> dict[Bucket, Bucket]:
+    """Which ladder buckets of these images run in a larger bucket of theirs instead, to compile fewer shapes.
+
+    `ready(bucket, batch)` says whether a shape needs no compile (compiled, or stored in the compile cache).
+    Merges are made one at a time, the least padding first: a bucket's images move into one holding both
+    its sides when that leaves fewer shapes to compile and adds at most `budget` pixels of padding to them.
+    Padding never changes a detection (and a larger bucket's capacities are no smaller): only the time moves."""
+    counts = {bucket: len(indices) for bucket, indices in _ladder_groups(sizes_hw, config).items()}
+    to_compile = lambda b, n: sum(not ready(b, size) for size in set(batch_sizes(n, batch_size)))  # noqa: E731
+    into: dict[Bucket, Bucket] = {}
+    while True:
+        best = None
+        for (source, n), (target, m) in itertools.product(counts.items(), repeat=2):
+            extra = n * (target[0] * target[1] - source[0] * source[1])
+            if (target != source and target[0] >= source[0] and target[1] >= source[1] and extra <= budget
+                    and to_compile(target, n + m) < to_compile(source, n) + to_compile(target, m)
+                    and (best is None or extra < best[0])):
+                best = (extra, source, target)
+        if best is None:
+            return into
+        _, source, target = best
+        counts[target] += counts.pop(source)
+        into = {b: target if t == source else t for b, t in into.items()} | {source: target}

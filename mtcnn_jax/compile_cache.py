@@ -114,16 +114,23 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def _entry(store: str, suffix: str, key: str) -> Path | None:
+    """The file `store` keeps `key` in (a digest + suffix, in the folder of this code's fingerprint); None
+    without a cache folder."""
+    where = folder()
+    if where is None:
+        return None
+    return where / store / code_fingerprint() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}{suffix}"
+
+
 def _stored(store: str, suffix: str, key: str, build: Callable[[], Any], load: Callable[[bytes], Any],
             dump: Callable[[Any], bytes | None]) -> tuple[Any, bool]:
     """What `store` holds under `key` (a digest + suffix, in the folder of this code's fingerprint), read by `load`,
     else `build()`, written by `dump` (None: not kept). Returns it and whether it came from disk. A damaged
     entry (truncated, foreign) is rebuilt; without a cache folder nothing is read or kept."""
-    where = folder()
-    if where is None:
+    path = _entry(store, suffix, key)
+    if path is None:
         return build(), False
-    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    path = where / store / code_fingerprint() / f"{digest}{suffix}"
     if path.is_file():
         try:
             value = load(path.read_bytes())
@@ -173,8 +180,19 @@ def executable(key: str, build: Callable[[], jax.stages.Compiled]) -> tuple[jax.
         return pickle.dumps(serialize_executable.serialize(compiled))
 
     # Our own cache folder: its executables are native code run as is, so unpickling them adds no trust.
-    return _stored("executables", ".xla", f"{machine_fingerprint()}|{key}", build,
+    return _stored("executables", ".xla", _executable_key(key), build,
                    lambda data: serialize_executable.deserialize_and_load(*pickle.loads(data)), dump)
+
+
+def has_executable(key: str) -> bool:
+    """Whether `executable(key, ...)` would load a stored program rather than build one (a damaged file
+    still counts: it is found out when loaded)."""
+    path = _entry("executables", ".xla", _executable_key(key))
+    return path is not None and path.is_file()
+
+
+def _executable_key(key: str) -> str:
+    return f"{machine_fingerprint()}|{key}"
 
 
 _this_thread = threading.local()  # JAX reports a cache hit in the thread that compiles

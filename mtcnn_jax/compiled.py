@@ -99,7 +99,7 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
     through `compile_cache`, once per machine: a later process loads its executable from the user's cache
     folder."""
     bucket_hw = tuple(bucket_hw)
-    key = (bucket_hw, batch, config, upto, _params_signature(params))
+    key = _key(params, bucket_hw, batch, config, upto)
     with _compiled_lock:
         future, owner = _compiled.get(key), False
         if future is None:
@@ -115,6 +115,25 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
     return future.result()
 
 
+def is_compiled(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
+                upto: str = "onet") -> bool:
+    """Whether `compiled_cascade` of this shape needs no compile: compiled (or compiling) in this process,
+    or its executable stored in the compile cache."""
+    key = _key(params, bucket_hw, batch, config, upto)
+    with _compiled_lock:
+        if key in _compiled:
+            return True
+    return compile_cache.has_executable(_executable_key(key))
+
+
+def _key(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> tuple:
+    return tuple(bucket_hw), batch, config, upto, _params_signature(params)
+
+
+def _executable_key(key: tuple) -> str:
+    return f"cascade|{key!r}|{compiler_options()!r}"
+
+
 def _compile(key: tuple, arguments: tuple) -> Callable:
     """The stored executable of `compiled_cascade`'s key, else the cascade exported (or its stored export
     loaded) and compiled ahead of time for these argument shapes."""
@@ -125,7 +144,7 @@ def _compile(key: tuple, arguments: tuple) -> Callable:
         exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))
         return jax.jit(exp.call, compiler_options=options).lower(*arguments).compile()
 
-    return compile_cache.executable(f"cascade|{key!r}|{options!r}", build)[0]
+    return compile_cache.executable(_executable_key(key), build)[0]
 
 
 def detect_bucket(params: dict, images_BxHxWx3: np.ndarray, sizes_Bx2: np.ndarray,

@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -103,14 +103,19 @@ def _warn_overflow(name: str, det: Detections) -> None:
 def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
                   config: CascadeConfig, batch_size: int | None = None,
                   converted: Sequence[str | None] | None = None,
-                  warn: Callable[[str, Detections], None] = _warn_overflow) -> list[Detections | ImageError]:
+                  warn: Callable[[str, Detections], None] = _warn_overflow,
+                  merged: Mapping[buckets.Bucket, buckets.Bucket] | None = None) -> list[Detections | ImageError]:
     """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
-    the batches of `buckets.plan`; `converted` (one note or None per image) goes into the Detections;
-    `warn(name, detections)` for each image (default: CapacityWarnings for a full capacity)."""
+    the batches of `buckets.plan`, merged where that spares compiles (`merged`, default `merges` of these
+    images); `converted` (one note or None per image) goes into the Detections; `warn(name, detections)`
+    for each image (default: CapacityWarnings for a full capacity)."""
     results: list[Detections | ImageError] = [
         img if isinstance(img, ImageError) else empty_detections({}) for img in images]  # no level: no face
     sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
-    for bucket, chunk in buckets.plan(sizes, config, batch_size or buckets.default_batch_size()):
+    batch_size = batch_size or buckets.default_batch_size()
+    if merged is None:
+        merged = merges(sizes, params, config, batch_size)
+    for bucket, chunk in buckets.plan(sizes, config, batch_size, merged):
         for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
             warn(names[i], det)
             results[i] = det
@@ -118,6 +123,13 @@ def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str
         if note and isinstance(results[i], Detections):
             results[i] = dataclasses.replace(results[i], converted=note)
     return results
+
+
+def merges(sizes_hw: Sequence[tuple[int, int] | None], params: Any, config: CascadeConfig,
+           batch_size: int) -> dict[buckets.Bucket, buckets.Bucket]:
+    """`buckets.merged_buckets` of these image sizes, counting the shapes compiled or stored as ready."""
+    return buckets.merged_buckets(sizes_hw, config, batch_size,
+                                  lambda bucket, batch: compiled.is_compiled(params, bucket, batch, config))
 
 
 def _try_load(source: ImageSource, name: str, strict: bool) -> tuple[np.ndarray | ImageError, str | None]:
@@ -253,14 +265,15 @@ def _summary(det: Detections) -> str:
     return f"{len(det)} face{'s' if len(det) != 1 else ''}" + (f" ({scores})" if len(det) else "") + note
 
 
-def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg: CascadeConfig,
-                  batch_size: int) -> tuple[list[Detections | ImageError], list[str]]:
-    """detect_loaded on one chunk (on a worker thread), and its capacity warnings as lines; a failure of the
-    run itself (e.g. out of memory on a huge image) is each of the chunk's images' ImageError."""
+def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg: CascadeConfig, batch_size: int,
+                  merged: dict) -> tuple[list[Detections | ImageError], list[str]]:
+    """detect_loaded on one chunk (on a worker thread, in the folder's `merged` buckets), and its capacity
+    warnings as lines; a failure of the run itself (e.g. out of memory on a huge image) is each of the chunk's
+    images' ImageError."""
     lines: list[str] = []
     try:
         results = detect_loaded(loaded, names, params, cfg, batch_size, notes,
-                                warn=lambda name, det: lines.extend(overflow_messages(name, det)))
+                                warn=lambda name, det: lines.extend(overflow_messages(name, det)), merged=merged)
     except Exception as err:  # noqa: BLE001 - reported per image, never lost in a traceback
         why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         return [x if isinstance(x, ImageError) else ImageError(f"{n}: detection failed ({why}); run it alone "
@@ -268,17 +281,27 @@ def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg:
     return results, [f"warning: {line}" for line in lines]
 
 
-def _work_order(files: Sequence[str], cfg: CascadeConfig,
-                batch_size: int) -> tuple[list[tuple[tuple[int, int], list[int]]], list[list[int]]]:
-    """The batches planned from the files' headers (`buckets.plan`), and every file's index in chunks of
-    work: the planned batches in order, then the files no bucket was planned for (unreadable headers,
-    images too small for a face) in chunks of `batch_size`."""
+class WorkOrder(NamedTuple):
+    """The CLI's plan for a folder, from the files' headers: its batches (`buckets.plan`, in the buckets
+    `merges` chose), every file's index in chunks of work (the planned batches in order, then the files no
+    bucket was planned for: unreadable headers, images too small for a face, in chunks of `batch_size`),
+    and the merges, which the chunks run in."""
+    batches: list[tuple[buckets.Bucket, list[int]]]
+    chunks: list[list[int]]
+    merged: dict[buckets.Bucket, buckets.Bucket]
+
+
+def _work_order(files: Sequence[str], params: Any, cfg: CascadeConfig, batch_size: int) -> WorkOrder:
+    """The `WorkOrder` of these files."""
     with warnings.catch_warnings():  # a header over PIL's pixel limit: its load says so, as an error
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        batches = buckets.plan([buckets.header_hw(f) for f in files], cfg, batch_size)
+        sizes = [buckets.header_hw(f) for f in files]
+    merged = merges(sizes, params, cfg, batch_size)
+    batches = buckets.plan(sizes, cfg, batch_size, merged)
     planned = {i for _, chunk in batches for i in chunk}
     rest = [i for i in range(len(files)) if i not in planned]
-    return batches, [chunk for _, chunk in batches] + [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
+    chunks = [chunk for _, chunk in batches] + [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
+    return WorkOrder(batches, chunks, merged)
 
 
 def _compiling(n: int) -> str:
@@ -337,11 +360,11 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
     params = resolve_params(args.weights)
     batch_size = args.batch_size or buckets.default_batch_size()
     workers = args.workers or buckets.default_workers()
-    batches, order = _work_order([files[i] for i in todo], cfg, batch_size)
+    work = _work_order([files[i] for i in todo], params, cfg, batch_size)
     faces = done = 0
     with outputs.ResultsJson(args.json) as results, \
             tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
-            compiled.CompileAhead(params, [(b, len(c)) for b, c in batches], cfg,
+            compiled.CompileAhead(params, [(b, len(c)) for b, c in work.batches], cfg,
                                   on_change=lambda n: bar.set_postfix_str(_compiling(n))):
         def report(line: str, err: bool = True) -> None:
             bar.write(line, file=sys.stderr if err else sys.stdout)
@@ -378,12 +401,12 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
         running: deque = deque()  # (indices, loaded, future), in the order of `order`: results go out in it
         with ThreadPoolExecutor(workers, thread_name_prefix="mtcnn-detect") as pool:
             try:
-                for chunk in order:
+                for chunk in work.chunks:
                     indices = [todo[k] for k in chunk]
                     names = [files[i] for i in indices]
                     loaded, notes = map(list, zip(*[_try_load(n, n, args.strict) for n in names]))
                     running.append((indices, loaded, pool.submit(_detect_chunk, loaded, names, notes, params, cfg,
-                                                                 batch_size)))
+                                                                 batch_size, work.merged)))
                     while len(running) > workers or running and running[0][2].done():
                         indices, loaded, future = running.popleft()
                         finish(indices, loaded, *future.result())

@@ -63,6 +63,52 @@ def test_plan_groups_images_by_bucket():
     assert plan == [((512, 768), [0, 3]), ((512, 768), [5]), ((128, 128), [1]), ((1024, 128), [6])]
 
 
+def _shapes_to_compile(groups: dict, batch_size: int, ready) -> int:
+    return sum(not ready(b, n) for b, indices in groups.items() for n in set(buckets.batch_sizes(len(indices), batch_size)))
+
+
+def test_merges_spare_compiles_within_the_padding_budget():
+    cfg, none_ready = CascadeConfig(), lambda bucket, batch: False
+    # the 7 reference photos' sizes: 5 ladder buckets
+    sizes = [(2048, 1665), (561, 561), (1612, 1125), (630, 1200), (148, 199), (2048, 1638), (1991, 2048)]
+    merged = buckets.merged_buckets(sizes, cfg, 1, none_ready)
+    # 192x256 -> 768x768 (+540,672 pixels), then 768x768 (2 images) -> 768x1536 (+589,824 each),
+    # 2048x1536 -> 2048x2048 (+1,048,576); 768x1536 (3 images) -> 2048x2048 would add 9,043,968
+    assert merged == {(192, 256): (768, 1536), (768, 768): (768, 1536), (2048, 1536): (2048, 2048)}
+    assert buckets.plan(sizes, cfg, 1, merged) == [((2048, 2048), [0]), ((2048, 2048), [2]), ((2048, 2048), [5]),
+                                                    ((2048, 2048), [6]), ((768, 1536), [1]), ((768, 1536), [3]),
+                                                    ((768, 1536), [4])]
+    assert buckets.merged_buckets(sizes, cfg, 1, none_ready, budget=2**19) == {}  # every merge pads more
+    # a bucket already compiled (or stored) runs as it is; so does one only a compile of the target would replace
+    assert (192, 256) not in buckets.merged_buckets(sizes, cfg, 1, lambda bucket, batch: bucket == (192, 256))
+    assert buckets.merged_buckets([(100, 100), (500, 700)], cfg, 1, lambda bucket, batch: False) == {
+        (128, 128): (512, 768)}
+    assert buckets.merged_buckets([(100, 100), (500, 700), (500, 700)], cfg, 2, none_ready) == {}  # a new batch of 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 3000)), max_size=12), st.sampled_from([1, 2, 8]),
+       st.sets(st.sampled_from(LADDER), max_size=4), st.sampled_from([2**18, buckets.MERGE_PIXELS, 2**24]))
+def test_merges_hold_their_images_and_never_add_compiles(sizes, batch_size, ready_sides, budget):
+    cfg = CascadeConfig()
+    ready = lambda bucket, batch: bucket[0] in ready_sides and batch == 1  # noqa: E731
+    merged = buckets.merged_buckets(sizes, cfg, batch_size, ready, budget)
+    ladder = buckets.plan(sizes, cfg, batch_size)
+    batches = buckets.plan(sizes, cfg, batch_size, merged)
+    assert sorted(i for _, chunk in batches for i in chunk) == sorted(i for _, chunk in ladder for i in chunk)
+    own = {i: bucket for bucket, chunk in ladder for i in chunk}
+    for bucket, chunk in batches:
+        for i in chunk:
+            assert sizes[i][0] <= bucket[0] and sizes[i][1] <= bucket[1]
+            assert bucket == merged.get(own[i], own[i]) and bucket in own.values()  # a bucket of the plan
+    assert set(merged) & set(merged.values()) == set()  # merges are resolved: no chains
+    groups = lambda plan: {b: [i for bb, c in plan for i in c if bb == b] for b, _ in plan}  # noqa: E731
+    before, after = _shapes_to_compile(groups(ladder), batch_size, ready), _shapes_to_compile(groups(batches), batch_size, ready)
+    assert after <= before - len(merged)  # each merge spares a compile
+    area = lambda b: b[0] * b[1]  # noqa: E731
+    assert sum(area(merged.get(b, b)) - area(b) for b in own.values()) <= budget * len(merged)
+
+
 def test_header_size_follows_exif_orientation(tmp_path):
     from PIL import Image
 

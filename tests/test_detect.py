@@ -15,7 +15,7 @@ from PIL import Image
 
 import mtcnn_jax
 from conftest import missing
-from mtcnn_jax import buckets, compiled, detect, outputs
+from mtcnn_jax import buckets, compile_cache, compiled, detect, outputs
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detect import CapacityWarning, Detections
 from mtcnn_jax.images import ImageError, list_inputs, load_converted, load_image
@@ -387,6 +387,32 @@ def test_end_to_end_batch_with_bad_image_and_flat_grey(reference):
     np.testing.assert_allclose(single.scores, out[0].scores, atol=1e-4)
 
 
+def test_a_small_image_runs_in_a_larger_bucket_when_that_spares_a_compile(reference, tmp_path, monkeypatch):
+    """detect_batch runs a 120x120 crop in the 256x256 bucket of the other image (no compile of 128x128),
+    with the faces it has in its own bucket."""
+    big = np.asarray(Image.open(reference / "ivan.jpg").convert("RGB").resize((250, 250)))
+    small = big[:120, 80:200]  # the face
+    ran = []
+    run = compiled.detect_bucket
+    monkeypatch.setattr(compiled, "detect_bucket", lambda params, images, sizes, config, upto="onet":
+                        ran.append(images.shape[1:3]) or run(params, images, sizes, config, upto))
+    before = compile_cache._state.copy()
+    try:
+        compile_cache.configure(tmp_path)  # nothing stored yet; a min_face_size no other test compiles
+        merged = detect.detect_batch([small, big], min_face_size=23)
+        assert ran == [(256, 256), (256, 256)]
+        params, cfg = detect.resolve_params(None), detect.make_config(None, 23, detect.SCALE_FACTOR, detect.THRESHOLDS)
+        assert compiled.is_compiled(params, (256, 256), 1, cfg) and not compiled.is_compiled(params, (128, 128), 1, cfg)
+        alone = detect.detect_loaded([small], ["small"], params, cfg, merged={})[0]
+        assert ran[-1] == (128, 128)
+    finally:
+        compile_cache.configure(before.get("folder", "default"))
+    assert len(alone) >= 1 and alone.scores[0] > 0.9
+    np.testing.assert_allclose(merged[0].boxes, alone.boxes, atol=1e-3)
+    np.testing.assert_allclose(merged[0].scores, alone.scores, atol=1e-5)
+    np.testing.assert_allclose(merged[0].landmarks, alone.landmarks, atol=1e-3)
+
+
 def run_cli(inputs: list[str], tmp_path, capsys) -> tuple[int, dict, str, str]:
     out_json = tmp_path / "out.json"
     code = detect.main([*inputs, "--json", str(out_json), "--draw", str(tmp_path / "drawn")])
@@ -445,7 +471,7 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
     Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
-    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes, warn:
+    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes, warn, merged:
                         seen.append(cfg) or
                         [detect.empty_detections({}) for _ in images])
     assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
@@ -462,21 +488,27 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path):
-    """The CLI's plan: planned batches by bucket from the headers, then the files no bucket was planned for
-    (unreadable, too small for a face); every file exactly once."""
-    sizes = {"a.png": (480, 640), "b.png": (100, 100), "c.png": (470, 700), "tiny.png": (8, 8)}
+def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path, monkeypatch):
+    """The CLI's plan: planned batches by bucket from the headers (a small bucket merged into a larger one
+    when that spares a compile), then the files no bucket was planned for (unreadable, too small for a
+    face); every file exactly once."""
+    sizes = {"a.png": (480, 640), "b.png": (100, 100), "c.png": (470, 700), "d.png": (900, 90), "tiny.png": (8, 8)}
     for name, (h, w) in sizes.items():
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
     (tmp_path / "bad.jpg").write_text("not an image")
     files, skipped = list_inputs([str(tmp_path)])
     names = [os.path.relpath(f, tmp_path) for f in files]
     assert skipped == []
-    batches, order = detect._work_order(files, CascadeConfig(), batch_size=2)
-    assert [(bucket, [names[i] for i in chunk]) for bucket, chunk in batches] == [
-        ((512, 768), ["a.png", "c.png"]), ((128, 128), ["b.png"])]
-    assert sorted(i for chunk in order for i in chunk) == list(range(len(files)))
-    assert [names[i] for i in order[-1]] == ["bad.jpg", "tiny.png"]
+    monkeypatch.setattr(compiled, "is_compiled", lambda *args: False)
+    work = detect._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2)
+    # b's 128x128 fits d's 1024x128 with 114,688 pixels more (a's 512x768: 376,832), under buckets.MERGE_PIXELS
+    assert work.merged == {(128, 128): (1024, 128)}
+    assert [(bucket, [names[i] for i in chunk]) for bucket, chunk in work.batches] == [
+        ((512, 768), ["a.png", "c.png"]), ((1024, 128), ["b.png", "d.png"])]
+    assert sorted(i for chunk in work.chunks for i in chunk) == list(range(len(files)))
+    assert [names[i] for i in work.chunks[-1]] == ["bad.jpg", "tiny.png"]
+    monkeypatch.setattr(compiled, "is_compiled", lambda params, bucket, batch, config: bucket == (128, 128))
+    assert detect._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2).merged == {}  # nothing to spare
 
 
 def test_detect_batch_refuses_one_image():
