@@ -29,6 +29,19 @@ from mtcnn_jax.stages import INPUT_SIZE
 MIRROR_CHUNK = 4  # faces per mirrored O-Net call: most images hold a few faces
 
 
+def _per_image(fn: Callable) -> Callable:
+    """`jax.vmap(fn)` over the images (the leading axis of every argument); for one image, `fn` on it: the
+    same results, without vmap's batched loops (a select in every NMS iteration), so a batch-1 bucket (the
+    CPU default) traces and compiles faster."""
+
+    def run(*args):
+        if {x.shape[0] for x in jax.tree_util.tree_leaves(args)} == {1}:
+            return jax.tree_util.tree_map(lambda x: x[None], fn(*jax.tree_util.tree_map(lambda x: x[0], args)))
+        return jax.vmap(fn)(*args)
+
+    return run
+
+
 def _pnet_candidates(prob_M, reg_Mx4, mask_M, windows_Mx4, level_M, capacities, config: CascadeConfig):
     """One image, all levels' cells at once: windows >= t1 compacted into the window capacity, NMS
     (Union 0.5) within each level, NMS (Union 0.7) over all, then regression without +1, squaring and fix."""
@@ -85,7 +98,7 @@ def _stage_net(stage: str, params: dict, srcs: CropSources, mirrored: bool = Fal
     if asked), plus the face probability."""
 
     def fn(boxes_BxCx4):
-        crops = jax.vmap(lambda s, bb: crop_patches(s, bb, INPUT_SIZE[stage]))(srcs, boxes_BxCx4)
+        crops = _per_image(lambda s, bb: crop_patches(s, bb, INPUT_SIZE[stage]))(srcs, boxes_BxCx4)
         crops = crops[:, :, :, ::-1] if mirrored else crops
         bsz, c = crops.shape[:2]
         o = nets.NETS[stage](params[stage], nets.normalize(crops.reshape((bsz * c,) + crops.shape[2:])))
@@ -113,10 +126,10 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    mips = jax.vmap(lambda im, hw: mip_pyramid(im, hw, plan.n_mips))(images, sizes_Bx2)
-    groups = jax.vmap(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
+    mips = _per_image(lambda im, hw: mip_pyramid(im, hw, plan.n_mips))(images, sizes_Bx2)
+    groups = _per_image(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
         images, sizes_Bx2, level_hw_BxLx2, taps_B, mips)
-    masks = jax.vmap(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
+    masks = _per_image(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
     probs, regs = [], []
     for group, real in zip(groups, masks):
         out = nets.pnet(params["pnet"], nets.normalize(group), valid_mask=real)
@@ -124,7 +137,7 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
         regs.append(out["box"].reshape(bsz, -1, 4))
     prob = jnp.concatenate(probs, axis=1)
     mask = _cell_mask(prob, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, config.thresholds[0])
-    b1, s1, v1, over_window, over_pnet = jax.vmap(
+    b1, s1, v1, over_window, over_pnet = _per_image(
         functools.partial(_pnet_candidates, windows_Mx4=windows_Mx4, level_M=cell_level_M,
                           capacities=bucket_capacities(config, hb, wb), config=config))(
         prob, jnp.concatenate(regs, axis=1), mask)
@@ -137,15 +150,15 @@ def cascade_fn(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
 def _rnet_onet(params, images_BxHxWx3, sizes_Bx2, boxes_BxNx4, valid_BxN, config: CascadeConfig, upto: str,
                overflow: dict):
     """R-Net and O-Net (stopping after `upto`) on square candidate boxes, valid slots first."""
-    srcs = jax.vmap(crop_sources)(images_BxHxWx3, sizes_Bx2)  # from the 8-bit pixels: exact integer sums
+    srcs = _per_image(crop_sources)(images_BxHxWx3, sizes_Bx2)  # from the 8-bit pixels: exact integer sums
     r = _run_in_chunks(_stage_net("rnet", params, srcs), boxes_BxNx4, valid_BxN, config.net_chunk,
                        _stage_spec("rnet"))
-    b2, s2, v2, overflow["rnet"] = jax.vmap(functools.partial(_after_rnet, config=config))(
+    b2, s2, v2, overflow["rnet"] = _per_image(functools.partial(_after_rnet, config=config))(
         boxes_BxNx4, valid_BxN, r["prob"], r["box"])
     if upto == "rnet":
         return {"boxes": b2, "scores": s2, "valid": v2, "overflow": overflow}
     o = _run_in_chunks(_stage_net("onet", params, srcs), b2, v2, config.net_chunk, _stage_spec("onet"))
-    b3, s3, seen3, rel3, v3, overflow["faces"] = jax.vmap(functools.partial(_after_onet, config=config))(
+    b3, s3, seen3, rel3, v3, overflow["faces"] = _per_image(functools.partial(_after_onet, config=config))(
         b2, v2, o["prob"], o["box"], o["landmarks"])
     if config.mirror_landmarks:  # O-Net again on the faces' crops mirrored, in chunks of few: faces are few
         m = _run_in_chunks(_stage_net("onet", params, srcs, mirrored=True), seen3, v3, MIRROR_CHUNK,
@@ -182,7 +195,7 @@ def redetect_fn(params, images_BxHxWx3, sizes_Bx2, boxes_BxKx4, valid_BxK, confi
     """Re-detection for video: R-Net and O-Net on candidates around the faces of a previous frame
     (`redetect_candidates`), no pyramid and no P-Net. Finds those faces where they moved to, never new ones:
     the caller runs the whole cascade every few frames and whenever a face is lost."""
-    cand, valid = jax.vmap(redetect_candidates)(boxes_BxKx4, valid_BxK)
+    cand, valid = _per_image(redetect_candidates)(boxes_BxKx4, valid_BxK)
     zeros = jnp.zeros(valid.shape[:1], jnp.int32)
     return _rnet_onet(params, images_BxHxWx3, sizes_Bx2, cand, valid, config, "onet",
                       {"window": zeros, "pnet": zeros})
