@@ -12,8 +12,6 @@ import argparse
 import functools
 import sys
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Sequence
 
 from PIL import Image
@@ -25,6 +23,7 @@ from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detections import Detections
 from mtcnn_jax.detect_flags import PROG, build_parser, check_crops, config_from_args
 from mtcnn_jax.images import IMAGE_SUFFIXES, ImageError, first_copies, list_inputs, skipped_line
+from mtcnn_jax.in_order import InOrder, failed_images
 
 def _summary(det: Detections) -> str:
     scores = ", ".join(f"{s:.2f}" for s in det.scores[:8]) + (", ..." if len(det) > 8 else "")
@@ -35,16 +34,10 @@ def _summary(det: Detections) -> str:
 def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg: CascadeConfig, batch_size: int,
                   merged: dict) -> tuple[list[Detections | ImageError], list[str]]:
     """detect_loaded on one chunk (on a worker thread, in the folder's `merged` buckets), and its capacity
-    warnings as lines; a failure of the run itself (e.g. out of memory on a huge image) is each of the chunk's
-    images' ImageError."""
+    warnings as lines."""
     lines: list[str] = []
-    try:
-        results = detect.detect_loaded(loaded, names, params, cfg, batch_size, notes, merged=merged,
-                                       warn=lambda name, det: lines.extend(detect.overflow_messages(name, det)))
-    except Exception as err:  # noqa: BLE001 - reported per image, never lost in a traceback
-        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        return [x if isinstance(x, ImageError) else ImageError(f"{n}: detection failed ({why}); run it alone "
-                f"with {cli.TRACEBACK_VARIABLE}=1 to see why") for x, n in zip(loaded, names)], []
+    results = detect.detect_loaded(loaded, names, params, cfg, batch_size, notes, merged=merged,
+                                   warn=lambda name, det: lines.extend(detect.overflow_messages(name, det)))
     return results, [f"warning: {line}" for line in lines]
 
 
@@ -165,21 +158,23 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
         for i, err in list(errors.items()):
             failed(i, err)
         bar.update(len(errors))
-        running: deque = deque()  # (indices, loaded, future), in the order of `order`: results go out in it
-        with ThreadPoolExecutor(workers, thread_name_prefix="mtcnn-detect") as pool:
+        def collect(pool: InOrder, depth: int | None) -> None:
+            for (indices, loaded), out, err in pool.done(depth):
+                if err is not None:  # the chunk's run failed: each of its images not failed already says why
+                    out = [x if isinstance(x, ImageError) else e
+                           for x, e in zip(loaded, failed_images([files[i] for i in indices], err))], []
+                finish(indices, loaded, *out)
+
+        with InOrder(workers, "mtcnn-detect") as pool:  # chunks in the order of work.chunks: results go out in it
             try:
                 for chunk in work.chunks:
                     indices = [todo[k] for k in chunk]
                     names = [files[i] for i in indices]
                     loaded, notes = map(list, zip(*[detect.try_load(n, n, args.strict) for n in names]))
-                    running.append((indices, loaded, pool.submit(_detect_chunk, loaded, names, notes, params, cfg,
-                                                                 batch_size, work.merged)))
-                    while len(running) > workers or running and running[0][2].done():
-                        indices, loaded, future = running.popleft()
-                        finish(indices, loaded, *future.result())
+                    pool.submit((indices, loaded), _detect_chunk, loaded, names, notes, params, cfg, batch_size,
+                                work.merged)
+                    collect(pool, workers)
             finally:  # also on Ctrl-C or a crash: the images already sent (at most workers + 1) are kept
-                while running:
-                    indices, loaded, future = running.popleft()
-                    finish(indices, loaded, *future.result())
+                collect(pool, None)
     print(f"{done} images, {faces} faces, {len(errors)} errors" + (f" (written to {args.json})" if args.json else ""))
     return len(errors)

@@ -21,16 +21,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mtcnn_jax import buckets, cli
+from mtcnn_jax import buckets
 from mtcnn_jax.buckets import Bucket
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.images import ImageError, load_converted
+from mtcnn_jax.in_order import InOrder, failed_images
 from mtcnn_jax.pyramid import pyramid_scales
 
 Item = tuple[Hashable, Any, Any]  # (source, tag, frame | Passed | END)
@@ -90,14 +90,13 @@ class _Router:
     detector: Detector
     depth: int
     strict: bool
-    pool: ThreadPoolExecutor = field(init=False)
+    running: InOrder = field(init=False)  # the batches sent, each with its slots
     waiting: dict[Bucket, list[tuple[_Slot, np.ndarray]]] = field(default_factory=dict)
-    running: deque[tuple[Future, list[_Slot]]] = field(default_factory=deque)
     order: dict[Hashable, deque[_Slot]] = field(default_factory=dict)
     last_bucket: dict[Hashable, Bucket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.pool = ThreadPoolExecutor(self.detector.workers, thread_name_prefix="mtcnn-stream")
+        self.running = InOrder(self.detector.workers, "mtcnn-stream")
 
     def put(self, source: Hashable, tag: Any, frame: Any, name: str) -> None:
         """Queue one item: a frame in its bucket (its batch sent when full), a Passed value or an error as done."""
@@ -134,8 +133,7 @@ class _Router:
         queued = self.waiting.pop(bucket)
         frames, pad = [image for _, image in queued], self.detector.batch_size - len(queued)
         sources = [s.source for s, _ in queued] + [None] * pad
-        self.running.append((self.pool.submit(self.detector.run, frames + [frames[-1]] * pad, bucket, sources),
-                             [s for s, _ in queued]))
+        self.running.submit([s for s, _ in queued], self.detector.run, frames + [frames[-1]] * pad, bucket, sources)
 
     def _finish(self, slot: _Slot, result: Any) -> None:
         if slot.note and slot.detected and not isinstance(result, Exception):
@@ -145,14 +143,9 @@ class _Router:
     def collect(self, wait: bool) -> None:
         """Take the results of the batches done (in the order sent), waiting while more than `depth` are
         queued, or for all of them when `wait`. A batch that failed is each of its frames' ImageError."""
-        while self.running and (wait or len(self.running) > self.depth or self.running[0][0].done()):
-            future, slots = self.running.popleft()
-            try:
-                results = future.result()
-            except Exception as err:  # noqa: BLE001 - reported per frame, never lost in a traceback
-                why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                results = [ImageError(f"{s.name}: detection failed ({why}); set {cli.TRACEBACK_VARIABLE}=1 "
-                                      "and run it alone to see why") for s in slots]
+        for slots, results, err in self.running.done(None if wait else self.depth):
+            if err is not None:
+                results = failed_images([s.name for s in slots], err)
             for slot, result in zip(slots, results):
                 self._finish(slot, result)
 
@@ -194,7 +187,7 @@ def detect_frames(items: Iterable[Item], detector: Detector, *, name: Callable[[
         router.collect(wait=True)
         yield from router.ready()
     finally:
-        router.pool.shutdown(wait=True, cancel_futures=True)
+        router.running.close()
         close = getattr(items, "close", None)
         if close is not None:
             close()  # e.g. stop the threads reading the sources

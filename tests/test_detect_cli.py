@@ -225,6 +225,28 @@ def test_json_valid_after_a_crash_mid_run(tmp_path, fake_cascade, monkeypatch, c
         assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_failed_run_is_each_of_its_images_error(tmp_path, fake_cascade, monkeypatch, capsys):
+    """The cascade raising on one image's bucket (e.g. out of memory): that image is an error in the JSON, the
+    others are written, the exit code is 1."""
+    inputs = [save(tmp_path / "in" / f"{k}.png", Image.fromarray(rgb(40, 40 + 30 * k, seed=k))) for k in range(3)]
+    bucket = compiled.detect_bucket
+
+    def fails_on_wide(params, images_BxHxWx3, sizes_Bx2, config):
+        if sizes_Bx2[0, 1] == 70:
+            raise MemoryError("out of memory allocating 9 GB")
+        return bucket(params, images_BxHxWx3, sizes_Bx2, config)
+
+    monkeypatch.setattr(compiled, "detect_bucket", fails_on_wide, raising=False)
+    out = tmp_path / "out.json"
+    assert detect_cli.main([*inputs, "--json", str(out), "--bucket-multiple", "16"]) == 1
+    written = json.loads(out.read_text())
+    assert list(written) == inputs and len(written[inputs[0]]["boxes"]) == 1 and len(written[inputs[2]]["boxes"]) == 1
+    assert written[inputs[1]] == {"error": f"{inputs[1]}: detection failed (MemoryError: out of memory allocating 9 GB); "
+                                           "set MTCNN_JAX_TRACEBACK=1 and run it alone to see why"}
+    err = capsys.readouterr().err
+    assert f"error: {inputs[1]}: detection failed" in err and "Traceback" not in err
+
+
 BAD_FLAGS = [
     (["--max-faces", "-1"], "--max-faces must be an integer >= 1"),
     (["--rnet-capacity", "0"], "--rnet-capacity must be an integer >= 1"),
