@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mtcnn_jax import detect
+from mtcnn_jax import detect, detections
 from mtcnn_jax.buckets import bucket_shape
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.images import IMAGE_SUFFIXES, load_image
@@ -76,7 +76,7 @@ def time_ours(paths: list[str], params: Any, config: CascadeConfig, runs: int) -
     for path in paths:
         img = load_image(path)
         bucket = bucket_shape(*img.shape[:2], config)
-        run = lambda: detect.detect_loaded([img], [path], params, config)[0]  # noqa: E731
+        run = lambda: detections.detect_loaded([img], [path], params, config)[0]  # noqa: E731
         first, det = _timed(run)
         compile_s.setdefault(f"{bucket[0]}x{bucket[1]}", first)
         times = [_timed(run)[0] for _ in range(runs)]
@@ -98,7 +98,7 @@ def throughput(paths: list[str], params: Any, config: CascadeConfig, runs: int,
     out = {}
     for b in batches:
         batch = [photos[i % len(photos)] for i in range(b)]
-        run = lambda: detect.detect_loaded(batch, [f"b{i}" for i in range(b)], params, config, batch_size=b)  # noqa: E731
+        run = lambda: detections.detect_loaded(batch, [f"b{i}" for i in range(b)], params, config, batch_size=b)  # noqa: E731
         run()
         out[b] = b / statistics.median(_timed(run)[0] for _ in range(runs))
         print(f"  batch {b}: {out[b]:.1f} images/s", flush=True)

@@ -62,6 +62,7 @@ def worker(paths: list[str], out: str, config_json: str) -> None:
     """Our detections and per-image warm latency (run in a subprocess, with the package on PYTHONPATH)."""
     import mtcnn_jax
     from mtcnn_jax import detect
+    from mtcnn_jax.detections import detect_loaded
     from mtcnn_jax.cascade_config import CascadeConfig
     from mtcnn_jax.images import load_image
 
@@ -69,7 +70,7 @@ def worker(paths: list[str], out: str, config_json: str) -> None:
     ms, detections, warm = {}, {}, set()
     for path in paths:
         img = load_image(path)
-        run = lambda: detect.detect_loaded([img], [path], params, config)[0]  # noqa: E731
+        run = lambda: detect_loaded([img], [path], params, config)[0]  # noqa: E731
         if img.shape not in warm:
             warm.add(img.shape)
             run()  # the bucket's compile

@@ -1,4 +1,4 @@
-"""Face detection on real images: `detect`, `detect_batch` and their `Detections`.
+"""Face detection on real images: `detect`, `detect_batch` and their `Detections`, and the command line.
 
 `detect(image)` and `detect_batch(images)` run the fixed-shape cascade (`compiled.detect_bucket`):
 images are grouped by their padded bucket and run at a few fixed batch sizes, so only a few shapes
@@ -9,8 +9,9 @@ raises (or, in a batch, yields in its slot) an `ImageError` that names the image
 `detect_stream(frames)` runs the frames of one or more streams (videos, cameras), batched across them
 (`streams`); `video_io.read_frames` decodes videos.
 
-Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]` (`detect_cli`;
-its flags and their checks: `detect_flags`; how it writes its files: `outputs`; videos: `video`).
+Command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]` (`main`: its flags
+and their checks in `detect_flags`, image files in `detect_files`, how it writes them in `outputs`, videos in
+`video`). Detection on loaded images, under both, is `detections.detect_loaded`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,24 @@ import dataclasses
 import functools
 import os
 import sys
-import warnings
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 
-from mtcnn_jax import buckets, checkpoints, compiled, pretrained, redetection, streams
-from mtcnn_jax.align import align, crop_geometry
+from mtcnn_jax import buckets, checkpoints, cli, detect_files, pretrained, redetection, streams, video
+from mtcnn_jax.align import crop_geometry
 from mtcnn_jax.cascade_config import CascadeConfig
-from mtcnn_jax.detections import CapacityWarning, Detections, empty_detections, run_batch
-from mtcnn_jax.detect_flags import CAPACITY_FIELDS, capacity_flag
-from mtcnn_jax.images import ImageError, ImageSource, load_converted
+from mtcnn_jax.detections import (CapacityWarning, Detections, detect_loaded, empty_detections, run_batch,
+                                  warn_overflow, with_crops)
+from mtcnn_jax.detect_flags import PROG, build_parser, check_crops, config_from_args
+from mtcnn_jax.images import (IMAGE_SUFFIXES, ImageError, ImageSource, list_inputs, load_converted, skipped_line,
+                              try_load)
 from mtcnn_jax.stages import MIN_FACE_SIZE, SCALE_FACTOR, STAGES, THRESHOLDS
+
+__all__ = ["CapacityWarning", "Detections", "ImageError", "detect", "detect_batch", "detect_stream", "main",
+           "make_config", "resolve_params", "stream_detector"]
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -72,65 +77,6 @@ def make_config(config: CascadeConfig | None, min_face_size: float, scale_factor
     if changed:
         raise ValueError(f"pass either config or the keywords {changed}, not both")
     return config
-
-
-def overflow_messages(name: str, det: Detections) -> list[str]:
-    """One line per stage that dropped candidates of this image, naming the field (and flag) to raise."""
-    lines = []
-    for stage, dropped in det.overflow.items():
-        if dropped > 0:
-            field_name = CAPACITY_FIELDS.get(stage)
-            field = (f"CascadeConfig.{field_name} ({capacity_flag(field_name)})" if field_name
-                     else "the matching capacity")
-            lines.append(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
-                         f"raise {field} to keep them")
-    return lines
-
-
-def _warn_overflow(name: str, det: Detections) -> None:
-    """One CapacityWarning per stage that dropped candidates of this image (`overflow_messages`)."""
-    for line in overflow_messages(name, det):
-        warnings.warn(line, CapacityWarning, stacklevel=4)
-
-
-def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
-                  config: CascadeConfig, batch_size: int | None = None,
-                  converted: Sequence[str | None] | None = None,
-                  warn: Callable[[str, Detections], None] = _warn_overflow,
-                  merged: Mapping[buckets.Bucket, buckets.Bucket] | None = None) -> list[Detections | ImageError]:
-    """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
-    the batches of `buckets.plan`, merged where that spares compiles (`merged`, default `merges` of these
-    images); `converted` (one note or None per image) goes into the Detections; `warn(name, detections)`
-    for each image (default: CapacityWarnings for a full capacity)."""
-    results: list[Detections | ImageError] = [
-        img if isinstance(img, ImageError) else empty_detections({}) for img in images]  # no level: no face
-    sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
-    batch_size = batch_size or buckets.default_batch_size()
-    if merged is None:
-        merged = merges(sizes, params, config, batch_size)
-    for bucket, chunk in buckets.plan(sizes, config, batch_size, merged):
-        for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
-            warn(names[i], det)
-            results[i] = det
-    for i, note in enumerate(converted or ()):
-        if note and isinstance(results[i], Detections):
-            results[i] = dataclasses.replace(results[i], converted=note)
-    return results
-
-
-def merges(sizes_hw: Sequence[tuple[int, int] | None], params: Any, config: CascadeConfig,
-           batch_size: int) -> dict[buckets.Bucket, buckets.Bucket]:
-    """`buckets.merged_buckets` of these image sizes, counting the shapes compiled or stored as ready."""
-    return buckets.merged_buckets(sizes_hw, config, batch_size,
-                                  lambda bucket, batch: compiled.is_compiled(params, bucket, batch, config))
-
-
-def try_load(source: ImageSource, name: str, strict: bool) -> tuple[np.ndarray | ImageError, str | None]:
-    """The loaded image and its conversion, or its ImageError as a value (a batch goes on past it)."""
-    try:
-        return load_converted(source, name, strict=strict)
-    except ImageError as err:
-        return err, None
 
 
 def _refuse_one_image(images: Any) -> None:
@@ -217,7 +163,7 @@ def stream_detector(params: Any, config: CascadeConfig, batch_size: int | None =
         def run(frames: list[np.ndarray], bucket: buckets.Bucket, sources: list) -> list[Detections]:
             return run_batch(params, frames, bucket, config)
     return streams.Detector(run, config, batch_size, empty_detections({}),
-                            lambda det, note: dataclasses.replace(det, converted=note), _warn_overflow, params,
+                            lambda det, note: dataclasses.replace(det, converted=note), warn_overflow, params,
                             workers)
 
 
@@ -242,15 +188,32 @@ def detect_stream(frames: Iterable[tuple[Hashable, ImageSource]] | Mapping[Hasha
     return streams.detect_frames(streams.numbered(frames, 4 * detector.batch_size), detector, strict=strict)
 
 
-def with_crops(image: Any, det: Detections | ImageError, template: Any, size: Any = None,
-               margin: float = 0.0) -> Detections | ImageError:
-    """`det` with its faces' aligned crops (`align.align` to `template`), or as it is when template is None."""
-    if template is None or isinstance(det, ImageError):
-        return det
-    return dataclasses.replace(det, aligned=align(image, det, template, size, margin=margin))
+# ---------------------------------------------------------------------------------------------- command line
+
+@cli.entry(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: detect faces in images, videos and folders (`detect_flags.EPILOG` says what it checks and writes;
+    videos run first, in `video.main`, then the images, in `detect_files.run`). Exit code 1 if any input failed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(parser, args)
+    check_crops(parser, args)
+    listed, skipped = list_inputs(args.inputs, IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)
+    files, videos = video.split_inputs(listed)
+    if skipped:
+        print(skipped_line(skipped, video.VIDEO_SUFFIXES), file=sys.stderr)
+    if not files and not videos:
+        raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)}; "
+                           f"videos: {' '.join(video.VIDEO_SUFFIXES)})")
+    for flag in ("every", "redetect_every"):
+        if getattr(args, flag) != 1 and not videos:
+            parser.error(f"--{flag.replace('_', '-')} is for videos: the inputs hold none")
+    detector_of = functools.partial(stream_detector, args.weights, cfg, redetect_every=args.redetect_every,
+                                    workers=args.workers)
+    videos_failed = video.main(parser, args, videos, files, detector_of) if videos else 0
+    images_failed = detect_files.run(parser, args, cfg, files, resolve_params) if files else 0
+    return 1 if images_failed or videos_failed else 0
 
 
-if __name__ == "__main__":  # python -m mtcnn_jax.detect: the command line, which imports this module
-    from mtcnn_jax import detect_cli
-
-    sys.exit(detect_cli.main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,20 +1,28 @@
-"""What a detection is: the `Detections` of one image, and a batch of one bucket run into them.
+"""What a detection is: the `Detections` of one image, a batch of one bucket run into them, and loaded
+images run bucket by bucket.
 
 `run_batch` (the whole cascade) and `redetect_batch` (R-Net and O-Net around faces seen before, for video:
 `redetection.py`) pad their images into the bucket, run the compiled program (`compiled.py`) and take
-each image's valid rows (`detect_slice`). `detect.py` builds the public API and the command line on them.
+each image's valid rows (`detect_slice`). `detect_loaded` runs loaded images in the batches of
+`buckets.plan` (merged where that spares compiles: `merges`), reporting full capacities
+(`overflow_messages`). `detect.py` builds the public API and the command line on them, `detect_files.py`
+the command line's image files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from mtcnn_jax import buckets, compiled
-from mtcnn_jax.align import Aligned
+from mtcnn_jax.align import Aligned, align
 from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.detect_flags import CAPACITY_FIELDS, capacity_flag
+from mtcnn_jax.images import ImageError
 
 
 class CapacityWarning(UserWarning):
@@ -80,3 +88,62 @@ def redetect_batch(params: Any, images: list[np.ndarray], bucket: tuple[int, int
     images_BxHxWx3, sizes_Bx2 = buckets.pad_to_bucket(images, bucket)
     out = compiled.redetect_bucket(params, images_BxHxWx3, sizes_Bx2, boxes, config)
     return [detect_slice(out, b) for b in range(len(images))]
+
+
+def overflow_messages(name: str, det: Detections) -> list[str]:
+    """One line per stage that dropped candidates of this image, naming the field (and flag) to raise."""
+    lines = []
+    for stage, dropped in det.overflow.items():
+        if dropped > 0:
+            field_name = CAPACITY_FIELDS.get(stage)
+            field = (f"CascadeConfig.{field_name} ({capacity_flag(field_name)})" if field_name
+                     else "the matching capacity")
+            lines.append(f"{name}: {dropped} candidates dropped at stage {stage!r} (capacity full); "
+                         f"raise {field} to keep them")
+    return lines
+
+
+def warn_overflow(name: str, det: Detections) -> None:
+    """One CapacityWarning per stage that dropped candidates of this image (`overflow_messages`)."""
+    for line in overflow_messages(name, det):
+        warnings.warn(line, CapacityWarning, stacklevel=4)
+
+
+def detect_loaded(images: Sequence[np.ndarray | ImageError], names: Sequence[str], params: Any,
+                  config: CascadeConfig, batch_size: int | None = None,
+                  converted: Sequence[str | None] | None = None,
+                  warn: Callable[[str, Detections], None] = warn_overflow,
+                  merged: Mapping[buckets.Bucket, buckets.Bucket] | None = None) -> list[Detections | ImageError]:
+    """Detection on already loaded images (errors pass through in their slots), run bucket by bucket in
+    the batches of `buckets.plan`, merged where that spares compiles (`merged`, default `merges` of these
+    images); `converted` (one note or None per image) goes into the Detections; `warn(name, detections)`
+    for each image (default: CapacityWarnings for a full capacity)."""
+    results: list[Detections | ImageError] = [
+        img if isinstance(img, ImageError) else empty_detections({}) for img in images]  # no level: no face
+    sizes = [None if isinstance(img, ImageError) else img.shape[:2] for img in images]
+    batch_size = batch_size or buckets.default_batch_size()
+    if merged is None:
+        merged = merges(sizes, params, config, batch_size)
+    for bucket, chunk in buckets.plan(sizes, config, batch_size, merged):
+        for i, det in zip(chunk, run_batch(params, [images[i] for i in chunk], bucket, config)):
+            warn(names[i], det)
+            results[i] = det
+    for i, note in enumerate(converted or ()):
+        if note and isinstance(results[i], Detections):
+            results[i] = dataclasses.replace(results[i], converted=note)
+    return results
+
+
+def merges(sizes_hw: Sequence[tuple[int, int] | None], params: Any, config: CascadeConfig,
+           batch_size: int) -> dict[buckets.Bucket, buckets.Bucket]:
+    """`buckets.merged_buckets` of these image sizes, counting the shapes compiled or stored as ready."""
+    return buckets.merged_buckets(sizes_hw, config, batch_size,
+                                  lambda bucket, batch: compiled.is_compiled(params, bucket, batch, config))
+
+
+def with_crops(image: Any, det: Detections | ImageError, template: Any, size: Any = None,
+               margin: float = 0.0) -> Detections | ImageError:
+    """`det` with its faces' aligned crops (`align.align` to `template`), or as it is when template is None."""
+    if template is None or isinstance(det, ImageError):
+        return det
+    return dataclasses.replace(det, aligned=align(image, det, template, size, margin=margin))

@@ -246,3 +246,11 @@ def first_copies(files: Sequence[str]) -> dict[int, int]:
             copies[i] = seen[key]
         seen.setdefault(key, i)
     return copies
+
+
+def try_load(source: ImageSource, name: str, strict: bool) -> tuple[np.ndarray | ImageError, str | None]:
+    """The loaded image and its conversion, or its ImageError as a value (a batch goes on past it)."""
+    try:
+        return load_converted(source, name, strict=strict)
+    except ImageError as err:
+        return err, None

@@ -1,6 +1,6 @@
 """Batches run a few at a time on threads and taken back in the order they were sent.
 
-The detect command line (`detect_cli`: chunks of image files) and the stream scheduler (`streams`: batches
+The detect command line (`detect_files`: chunks of image files) and the stream scheduler (`streams`: batches
 of frames) both run `workers` batches at once (on CPU one batch's sequential parts, NMS and the stage
 loops, leave a core idle that another batch takes) and hand results back in their input's order. A batch
 whose run failed is each of its images' `ImageError` (`failed_images`), never a lost traceback.

@@ -230,7 +230,7 @@ def _probe_all(videos: Sequence[str]) -> list[VideoInfo | VideoError]:
 
 def main(parser: argparse.ArgumentParser, args: argparse.Namespace, videos: Sequence[str], images: Sequence[str],
          detector_of: Callable[[int | None], streams.Detector]) -> int:
-    """Detect faces in the videos as `detect_cli.main` was asked (see the module docstring); `detector_of`
+    """Detect faces in the videos as `detect.main` was asked (see the module docstring); `detector_of`
     (the batch size) gives the cascade to run. Returns 1 when any video or frame failed, else 0."""
     copies = first_copies(videos)
     todo = [v for v in range(len(videos)) if v not in copies]

@@ -15,7 +15,7 @@ from PIL import Image
 
 import mtcnn_jax
 from conftest import missing
-from mtcnn_jax import buckets, compile_cache, compiled, detect, detect_cli, outputs
+from mtcnn_jax import buckets, compile_cache, compiled, detect, detect_files, detections, outputs
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detect import CapacityWarning, Detections
 from mtcnn_jax.images import ImageError, list_inputs, load_converted, load_image
@@ -403,7 +403,7 @@ def test_a_small_image_runs_in_a_larger_bucket_when_that_spares_a_compile(refere
         assert ran == [(256, 256), (256, 256)]
         params, cfg = detect.resolve_params(None), detect.make_config(None, 23, detect.SCALE_FACTOR, detect.THRESHOLDS)
         assert compiled.is_compiled(params, (256, 256), 1, cfg) and not compiled.is_compiled(params, (128, 128), 1, cfg)
-        alone = detect.detect_loaded([small], ["small"], params, cfg, merged={})[0]
+        alone = detections.detect_loaded([small], ["small"], params, cfg, merged={})[0]
         assert ran[-1] == (128, 128)
     finally:
         compile_cache.configure(before.get("folder", "default"))
@@ -415,7 +415,7 @@ def test_a_small_image_runs_in_a_larger_bucket_when_that_spares_a_compile(refere
 
 def run_cli(inputs: list[str], tmp_path, capsys) -> tuple[int, dict, str, str]:
     out_json = tmp_path / "out.json"
-    code = detect_cli.main([*inputs, "--json", str(out_json), "--draw", str(tmp_path / "drawn")])
+    code = detect.main([*inputs, "--json", str(out_json), "--draw", str(tmp_path / "drawn")])
     captured = capsys.readouterr()
     return code, json.loads(out_json.read_text()), captured.out, captured.err
 
@@ -456,13 +456,13 @@ def test_cli_whole_reference_folder(reference, tmp_path, capsys):
     check_cli_json(result)
     assert f"{len(photos)} images" in out and "0 errors" in out
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == photos
-    assert detect_cli.main([str(reference), "--json", str(tmp_path / "out.json")]) == 2  # exists: not overwritten
+    assert detect.main([str(reference), "--json", str(tmp_path / "out.json")]) == 2  # exists: not overwritten
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_cli_all_inputs_failing_exits_1(tmp_path, capsys):
     (tmp_path / "broken.jpg").write_text("nope")
-    assert detect_cli.main([str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]) == 1
+    assert detect.main([str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]) == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "missing.png" in captured.err and "2 errors" in captured.out
 
@@ -471,20 +471,20 @@ def test_cli_bucket_multiple_and_capacities_reach_the_config(tmp_path, monkeypat
     Image.fromarray(np.full((150, 200, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     seen = []
     monkeypatch.setattr(detect, "resolve_params", lambda weights: {})
-    monkeypatch.setattr(detect, "detect_loaded", lambda images, names, params, cfg, batch, notes, warn, merged:
+    monkeypatch.setattr(detections, "detect_loaded", lambda images, names, params, cfg, batch, notes, warn, merged:
                         seen.append(cfg) or
                         [detect.empty_detections({}) for _ in images])
-    assert detect_cli.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
+    assert detect.main([str(tmp_path / "grey.png"), "--bucket-multiple", "256"]) == 0
     assert seen[0].bucket_multiple == 256 and seen[0].min_face_size == 20
     assert (seen[0].window_capacity, seen[0].pnet_capacity, seen[0].rnet_capacity) == (None, None, 512)
-    assert detect_cli.main([str(tmp_path / "grey.png"), "--window-capacity", "40000", "--pnet-capacity", "8192",
+    assert detect.main([str(tmp_path / "grey.png"), "--window-capacity", "40000", "--pnet-capacity", "8192",
                         "--rnet-capacity", "1024", "--max-faces", "600"]) == 0
     assert (seen[1].window_capacity, seen[1].pnet_capacity, seen[1].rnet_capacity, seen[1].max_faces) == (
         40000, 8192, 1024, 600)
     for flags, message in [(["--rnet-capacity", "1000"], "--rnet-capacity must be a multiple of net_chunk"),
                            (["--bucket-multiple", "-1"], "--bucket-multiple must be >= 0")]:
         with pytest.raises(SystemExit) as exit_info:
-            detect_cli.main([str(tmp_path / "grey.png"), *flags])
+            detect.main([str(tmp_path / "grey.png"), *flags])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -500,7 +500,7 @@ def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path
     names = [os.path.relpath(f, tmp_path) for f in files]
     assert skipped == []
     monkeypatch.setattr(compiled, "is_compiled", lambda *args: False)
-    work = detect_cli._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2)
+    work = detect_files._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2)
     # b's 128x128 fits d's 1024x128 with 114,688 pixels more (a's 512x768: 376,832), under buckets.MERGE_PIXELS
     assert work.merged == {(128, 128): (1024, 128)}
     assert [(bucket, [names[i] for i in chunk]) for bucket, chunk in work.batches] == [
@@ -508,7 +508,7 @@ def test_cli_work_order_plans_buckets_from_headers_and_keeps_every_file(tmp_path
     assert sorted(i for chunk in work.chunks for i in chunk) == list(range(len(files)))
     assert [names[i] for i in work.chunks[-1]] == ["bad.jpg", "tiny.png"]
     monkeypatch.setattr(compiled, "is_compiled", lambda params, bucket, batch, config: bucket == (128, 128))
-    assert detect_cli._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2).merged == {}  # nothing to spare
+    assert detect_files._work_order(files, FAKE_PARAMS, CascadeConfig(), batch_size=2).merged == {}  # nothing to spare
 
 
 def test_detect_batch_refuses_one_image():
@@ -522,5 +522,5 @@ def test_cli_refuses_bad_output_paths_before_any_work(tmp_path, capsys, monkeypa
     (tmp_path / "a_file.png").write_text("x")
     cases = [(["--json", str(tmp_path)], "is a folder"), (["--draw", str(tmp_path / "a_file.png")], "is a file")]
     for flags, message in cases:
-        assert detect_cli.main([str(tmp_path), *flags]) == 2
+        assert detect.main([str(tmp_path), *flags]) == 2
         assert message in capsys.readouterr().err

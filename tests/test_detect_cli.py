@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtcnn_jax import compiled, detect, detect_cli, detect_flags, images
+from mtcnn_jax import compiled, detect, detect_flags, images
 from mtcnn_jax.align import align
 from mtcnn_jax.detections_json import load_detections
 from test_detect import FAKE_PARAMS, fake_bucket, png_header, rgb
@@ -96,7 +96,7 @@ def test_cli_processes_every_good_image_and_lists_every_failure(tmp_path, capsys
     (folder / "empty.jpg").mkdir()  # a folder with an image suffix: searched, holds nothing
     out = tmp_path / "out" / "faces.json"
     given_twice = str(folder / "good.png")
-    code = detect_cli.main([str(folder), given_twice, "--json", str(out), "--draw", str(tmp_path / "drawn")])
+    code = detect.main([str(folder), given_twice, "--json", str(out), "--draw", str(tmp_path / "drawn")])
     captured = capsys.readouterr()
     assert code == 1
     result = json.loads(out.read_text())
@@ -120,9 +120,9 @@ def test_cli_processes_every_good_image_and_lists_every_failure(tmp_path, capsys
 
 def test_cli_all_good_exits_0(tmp_path, capsys, fake_cascade):
     good = good_images(tmp_path)
-    assert detect_cli.main([str(tmp_path), "--strict"]) == 1  # converted modes are refused with --strict
+    assert detect.main([str(tmp_path), "--strict"]) == 1  # converted modes are refused with --strict
     assert "strict" in capsys.readouterr().err
-    assert detect_cli.main([str(tmp_path)]) == 0
+    assert detect.main([str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert f"{len(good)} images, {len(good)} faces, 0 errors" in captured.out
     assert "1 face (0.15) [RGBA -> RGB (alpha on white)]" in captured.out
@@ -132,7 +132,7 @@ def test_cli_all_good_exits_0(tmp_path, capsys, fake_cascade):
 def no_reading(monkeypatch, fake_cascade):
     """Fails the test if any image (or its header) is read."""
     fail = lambda *a, **k: pytest.fail("an image was read")  # noqa: E731
-    monkeypatch.setattr(detect, "load_converted", fail)
+    monkeypatch.setattr(images, "load_converted", fail)
     monkeypatch.setattr(detect.buckets, "header_hw", fail)
     monkeypatch.setattr(detect, "resolve_params", fail)
 
@@ -154,7 +154,7 @@ def test_bad_output_targets_refused_before_any_image_is_read(tmp_path, capsys, n
         (tmp_path / "ro").mkdir(mode=0o500)
         cases.append((["--json", str(tmp_path / "ro" / "x.json")], "cannot write"))
     for flags, message in cases:
-        assert detect_cli.main([str(folder), *flags]) == 2, flags
+        assert detect.main([str(folder), *flags]) == 2, flags
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and err.startswith("python -m mtcnn_jax.detect: error:"), err
     assert (tmp_path / "old.json").read_text() == "{}" and Image.open(drawn / "a.png").size == (5, 5)
@@ -165,7 +165,7 @@ def test_overwrite_replaces(tmp_path, capsys, fake_cascade):
     (tmp_path / "old.json").write_text("{}")
     save(tmp_path / "drawn" / "a.png", Image.fromarray(rgb(5, 5)))
     args = [str(tmp_path / "in"), "--json", str(tmp_path / "old.json"), "--draw", str(tmp_path / "drawn")]
-    assert detect_cli.main(args + ["--overwrite"]) == 0
+    assert detect.main(args + ["--overwrite"]) == 0
     assert list(json.loads((tmp_path / "old.json").read_text())) == [str(tmp_path / "in" / "a.png")]
     assert Image.open(tmp_path / "drawn" / "a.png").size == (60, 50)
 
@@ -173,7 +173,7 @@ def test_overwrite_replaces(tmp_path, capsys, fake_cascade):
 def test_same_names_drawn_apart(tmp_path, fake_cascade, capsys):
     inputs = [save(tmp_path / d / n, Image.fromarray(rgb(40, 40 + k))) for k, (d, n) in
               enumerate([("a", "x.jpg"), ("b", "x.jpg"), ("c", "x.png"), ("c", "x.bmp"), ("c", "X.PNG")])]
-    assert detect_cli.main([*inputs, "--draw", str(tmp_path / "drawn")]) == 0
+    assert detect.main([*inputs, "--draw", str(tmp_path / "drawn")]) == 0
     drawn = sorted(str(p.relative_to(tmp_path / "drawn")) for p in (tmp_path / "drawn").rglob("*.*"))
     assert drawn == ["a/x.jpg", "b/x.jpg", "c/X-3.PNG", "c/x-2.png", "c/x.png"]  # names compared without case
     widths = {p: Image.open(tmp_path / "drawn" / p).size[0] for p in drawn}
@@ -197,7 +197,7 @@ def test_workers_keep_the_order_results_and_warnings(tmp_path, monkeypatch, caps
     written = {}
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}.json"
-        assert detect_cli.main([*inputs, "--json", str(out), "--workers", str(workers), "--bucket-multiple", "64"]) == 0
+        assert detect.main([*inputs, "--json", str(out), "--workers", str(workers), "--bucket-multiple", "64"]) == 0
         written[workers] = list(json.loads(out.read_text()).items())
         warned = [line for line in capsys.readouterr().err.splitlines() if "candidates dropped" in line]
         assert warned == [f"warning: {inputs[2]}: 7 candidates dropped at stage 'rnet' (capacity full); raise "
@@ -208,19 +208,19 @@ def test_workers_keep_the_order_results_and_warnings(tmp_path, monkeypatch, caps
 
 def test_json_valid_after_a_crash_mid_run(tmp_path, fake_cascade, monkeypatch, capsys):
     inputs = [save(tmp_path / "in" / f"{k}.png", Image.fromarray(rgb(40, 40, seed=k))) for k in range(5)]
-    seen = []
+    seen, load = [], images.load_converted
 
     def crash_at_third(source, name, strict):
         seen.append(name)
         if len(seen) == 3:
             raise error
-        return images.load_converted(source, name, strict=strict)
+        return load(source, name, strict=strict)
 
-    monkeypatch.setattr(detect, "load_converted", crash_at_third)
+    monkeypatch.setattr(images, "load_converted", crash_at_third)
     for error, code in [(RuntimeError("disk on fire"), 1), (KeyboardInterrupt(), 130)]:
         seen.clear()
         out = tmp_path / f"{code}.json"
-        assert detect_cli.main([*inputs, "--json", str(out)]) == code
+        assert detect.main([*inputs, "--json", str(out)]) == code
         assert sorted(json.loads(out.read_text())) == sorted(seen[:2])  # the two done before the crash
         assert "Traceback" not in capsys.readouterr().err
 
@@ -238,7 +238,7 @@ def test_a_failed_run_is_each_of_its_images_error(tmp_path, fake_cascade, monkey
 
     monkeypatch.setattr(compiled, "detect_bucket", fails_on_wide, raising=False)
     out = tmp_path / "out.json"
-    assert detect_cli.main([*inputs, "--json", str(out), "--bucket-multiple", "16"]) == 1
+    assert detect.main([*inputs, "--json", str(out), "--bucket-multiple", "16"]) == 1
     written = json.loads(out.read_text())
     assert list(written) == inputs and len(written[inputs[0]]["boxes"]) == 1 and len(written[inputs[2]]["boxes"]) == 1
     assert written[inputs[1]] == {"error": f"{inputs[1]}: detection failed (MemoryError: out of memory allocating 9 GB); "
@@ -268,7 +268,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
 def test_bad_flags_one_error_line(flags, message, tmp_path, capsys, no_reading):
     with pytest.raises(SystemExit) as exit_info:
-        detect_cli.main([str(tmp_path), *flags])
+        detect.main([str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
@@ -276,11 +276,11 @@ def test_bad_flags_one_error_line(flags, message, tmp_path, capsys, no_reading):
 
 def test_no_images_and_help(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
-    assert detect_cli.main([str(tmp_path)]) == 2
+    assert detect.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "skipped 1 file" in err and "error: no image files in" in err
     with pytest.raises(SystemExit):
-        detect_cli.main(["--help"])
+        detect.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 20.0)", "(default: 0.709)", "(default: (0.6, 0.7, 0.7))", "(default: 512)",
                     "default: the original weights", "default: from the bucket's area", "default: 1 on CPU"):
@@ -307,16 +307,16 @@ def test_subprocess_bad_flag_no_traceback(tmp_path):
 def test_crops_mirror_inputs_are_listed_and_never_overwritten(tmp_path, capsys, fake_cascade):
     inputs = [save(tmp_path / d / "x.jpg", Image.fromarray(rgb(60, 80, seed=k))) for k, d in enumerate("ab")]
     out, crops = tmp_path / "faces.json", tmp_path / "crops"
-    assert detect_cli.main([*inputs, "--json", str(out), "--crops", str(crops)]) == 0
+    assert detect.main([*inputs, "--json", str(out), "--crops", str(crops)]) == 0
     result = json.loads(out.read_text())
     for d, path in zip("ab", inputs):
         written = crops / d / "x_0.png"
         assert result[path]["crops"] == [str(written)] and Image.open(written).size == (112, 112)
         assert np.asarray(result[path]["crop_matrices"]).shape == (1, 2, 3)
     again = [*inputs, "--json", str(tmp_path / "again.json"), "--crops", str(crops)]
-    assert detect_cli.main(again) == 2 and "would overwrite" in capsys.readouterr().err
+    assert detect.main(again) == 2 and "would overwrite" in capsys.readouterr().err
     assert not (tmp_path / "again.json").exists()
-    assert detect_cli.main([*again, "--overwrite", "--template", "facenet", "--crop-size", "64", "--margin", "8"]) == 0
+    assert detect.main([*again, "--overwrite", "--template", "facenet", "--crop-size", "64", "--margin", "8"]) == 0
     assert sorted(p.name for p in crops.rglob("*.png")) == ["x_0.png", "x_0.png"]
     assert Image.open(crops / "a" / "x_0.png").size == (64, 64)
 
@@ -338,6 +338,6 @@ def test_detect_batch_crops_equal_align(tmp_path, fake_cascade):
 ])
 def test_bad_crop_flags_one_error_line(flags, message, tmp_path, capsys, no_reading):
     with pytest.raises(SystemExit) as exit_info:
-        detect_cli.main([str(tmp_path), *flags])
+        detect.main([str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import missing
 from mtcnn_jax import boxes as bx
-from mtcnn_jax import buckets, compile_cache, detect, detect_cli, streams, video
+from mtcnn_jax import buckets, compile_cache, detect, streams, video
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.images import ImageError
@@ -81,7 +81,7 @@ def test_video_frames_equal_the_frames_run_as_images(clip, tmp_path, capsys):
     path, decoded, expected = clip
     assert len(decoded) == FRAMES and all(len(det) >= 3 for det in expected)  # faces in every frame
     out, drawn = tmp_path / "faces.jsonl", tmp_path / "drawn.mp4"
-    assert detect_cli.main([path, "--json", str(out), "--draw", str(drawn)]) == 0
+    assert detect.main([path, "--json", str(out), "--draw", str(drawn)]) == 0
     result = lines(out)
     frames, end = result[:-1], result[-1]
     assert [r["frame"] for r in frames] == list(range(FRAMES))
@@ -102,7 +102,7 @@ def test_video_frames_equal_the_frames_run_as_images(clip, tmp_path, capsys):
 def test_every_second_frame(clip, tmp_path):
     path, decoded, expected = clip
     out, drawn = tmp_path / "every.jsonl", tmp_path / "every.mp4"
-    assert detect_cli.main([path, "--every", "2", "--json", str(out), "--draw", str(drawn)]) == 0
+    assert detect.main([path, "--every", "2", "--json", str(out), "--draw", str(drawn)]) == 0
     result = lines(out)
     assert [r["frame"] for r in result[:-1]] == [0, 2, 4]
     assert all(r["boxes"] == expected[r["frame"]].to_json()["boxes"] for r in result[:-1])
@@ -118,7 +118,7 @@ def test_every_second_frame(clip, tmp_path):
 def test_redetection_between_whole_frames(clip, tmp_path):
     path, decoded, expected = clip
     out = tmp_path / "redetect.jsonl"
-    assert detect_cli.main([path, "--redetect-every", "3", "--json", str(out)]) == 0
+    assert detect.main([path, "--redetect-every", "3", "--json", str(out)]) == 0
     result = lines(out)[:-1]
     assert [r["frame"] for r in result] == list(range(FRAMES))
     for r in result:  # whole frames (0, 3) exactly; the others the same faces, found around the last ones
@@ -133,7 +133,7 @@ def test_redetect_every_needs_videos(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
     with pytest.raises(SystemExit) as exit_:
-        detect_cli.main([str(image), "--redetect-every", "2"])
+        detect.main([str(image), "--redetect-every", "2"])
     assert exit_.value.code == 2 and "--redetect-every is for videos" in capsys.readouterr().err
 
 
@@ -147,7 +147,7 @@ def test_unreadable_videos_are_their_errors(clip, tmp_path, capsys):
     (folder / "cut.mp4").write_bytes(data[: len(data) // 2])
     (folder / "notes.txt").write_text("skipped")
     out = tmp_path / "faces.jsonl"
-    assert detect_cli.main([str(folder), "--json", str(out)]) == 1
+    assert detect.main([str(folder), "--json", str(out)]) == 1
     err = capsys.readouterr().err
     result = lines(out)
     good = str(folder / "a_good.mp4")
@@ -294,13 +294,13 @@ def test_unclear_outputs_refused_before_any_video_is_read(tmp_path, capsys, no_r
              ([str(one), "--draw", str(one), "--overwrite"], "over the input video"),
              ([str(one), "--crops", str(tmp_path / "c")], "--crops makes aligned crops of images")]
     for argv, message in cases:
-        assert detect_cli.main(argv) == 2, argv
+        assert detect.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "error:" in err, (argv, err)
     for argv, message in [([str(tmp_path / "in" / "still.png"), "--every", "2"], "--every is for videos"),
                           ([str(one), "--every", "0"], "--every must be >= 1")]:
         with pytest.raises(SystemExit) as exit_info:
-            detect_cli.main(argv)
+            detect.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -308,7 +308,7 @@ def test_images_and_videos_together_without_outputs(clip, tmp_path, capsys):
     path, decoded, expected = clip
     still = tmp_path / "still.png"
     Image.fromarray(decoded[0]).save(still)
-    assert detect_cli.main([str(still), path]) == 0
+    assert detect.main([str(still), path]) == 0
     out = capsys.readouterr().out
     assert f"{path}: {FRAMES} frames, {FRAMES} detected, {sum(map(len, expected))} faces" in out
     assert f"{still}: {len(expected[0])} faces" in out and "1 images," in out

@@ -1,28 +1,26 @@
-"""The detect command line: `python -m mtcnn_jax.detect IMAGE_OR_DIR... [--json OUT.json] [--draw OUT_DIR]`.
+"""The detect command line on image files (`detect.main` hands them here, after the flags and videos).
 
-`main` checks the flags (`detect_flags`) and inputs, runs the videos (`video`), then the image files: their
-sizes read from the file headers first (`WorkOrder`: the buckets planned and merged, compiled ahead on a
-thread), loaded here and run `--workers` chunks at a time, results written in input order as they come
-(`outputs`), every failure an `error:` line and a JSON entry. The detection itself is `detect`'s.
+Output targets are checked before any image is read; the files' sizes come from their headers
+(`WorkOrder`: the buckets planned and merged, compiled ahead on a thread); chunks are loaded here and run
+`--workers` at a time (`in_order`), results written in input order as they come (`outputs`), every failure
+an `error:` line and a JSON entry. The detection itself is `detections.detect_loaded`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
-from mtcnn_jax import buckets, cli, compile_cache, compiled, detect, outputs, video
+from mtcnn_jax import buckets, compile_cache, compiled, detections, images, outputs
 from mtcnn_jax.annotate import annotate_image
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.detections import Detections
-from mtcnn_jax.detect_flags import PROG, build_parser, check_crops, config_from_args
-from mtcnn_jax.images import IMAGE_SUFFIXES, ImageError, first_copies, list_inputs, skipped_line
+from mtcnn_jax.images import ImageError, first_copies
 from mtcnn_jax.in_order import InOrder, failed_images
 
 def _summary(det: Detections) -> str:
@@ -36,14 +34,14 @@ def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg:
     """detect_loaded on one chunk (on a worker thread, in the folder's `merged` buckets), and its capacity
     warnings as lines."""
     lines: list[str] = []
-    results = detect.detect_loaded(loaded, names, params, cfg, batch_size, notes, merged=merged,
-                                   warn=lambda name, det: lines.extend(detect.overflow_messages(name, det)))
+    results = detections.detect_loaded(loaded, names, params, cfg, batch_size, notes, merged=merged,
+                                   warn=lambda name, det: lines.extend(detections.overflow_messages(name, det)))
     return results, [f"warning: {line}" for line in lines]
 
 
 class WorkOrder(NamedTuple):
     """The CLI's plan for a folder, from the files' headers: its batches (`buckets.plan`, in the buckets
-    `detect.merges` chose), every file's index in chunks of work (the planned batches in order, then the files no
+    `detections.merges` chose), every file's index in chunks of work (the planned batches in order, then the files no
     bucket was planned for: unreadable headers, images too small for a face, in chunks of `batch_size`),
     and the merges, which the chunks run in."""
     batches: list[tuple[buckets.Bucket, list[int]]]
@@ -56,7 +54,7 @@ def _work_order(files: Sequence[str], params: Any, cfg: CascadeConfig, batch_siz
     with warnings.catch_warnings():  # a header over PIL's pixel limit: its load says so, as an error
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         sizes = [buckets.header_hw(f) for f in files]
-    merged = detect.merges(sizes, params, cfg, batch_size)
+    merged = detections.merges(sizes, params, cfg, batch_size)
     batches = buckets.plan(sizes, cfg, batch_size, merged)
     planned = {i for _, chunk in batches for i in chunk}
     rest = [i for i in range(len(files)) if i not in planned]
@@ -69,35 +67,11 @@ def _compiling(n: int) -> str:
     return f"{n} bucket{'s' if n != 1 else ''} compiling" if n else "all buckets compiled"
 
 
-@cli.entry(PROG)
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: detect faces in images, videos and folders (`detect_flags.EPILOG` says what it checks and writes;
-    videos run first, in `video.main`, then the images, in `_detect_files`). Exit code 1 if any input failed."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = config_from_args(parser, args)
-    check_crops(parser, args)
-    listed, skipped = list_inputs(args.inputs, IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)
-    files, videos = video.split_inputs(listed)
-    if skipped:
-        print(skipped_line(skipped, video.VIDEO_SUFFIXES), file=sys.stderr)
-    if not files and not videos:
-        raise cli.CliError(f"no image files in {' '.join(args.inputs)} (suffixes: {' '.join(IMAGE_SUFFIXES)}; "
-                           f"videos: {' '.join(video.VIDEO_SUFFIXES)})")
-    for flag in ("every", "redetect_every"):
-        if getattr(args, flag) != 1 and not videos:
-            parser.error(f"--{flag.replace('_', '-')} is for videos: the inputs hold none")
-    detector_of = functools.partial(detect.stream_detector, args.weights, cfg, redetect_every=args.redetect_every,
-                                    workers=args.workers)
-    videos_failed = video.main(parser, args, videos, files, detector_of) if videos else 0
-    images_failed = _detect_files(parser, args, cfg, files) if files else 0
-    return 1 if images_failed or videos_failed else 0
-
-
-def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: CascadeConfig,
-                  files: list[str]) -> int:
-    """The CLI on image files: targets checked first; chunks loaded here, run `--workers` at a time while the
-    next loads (buckets compiled ahead on a thread), written in input order as done. Returns the failures."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: CascadeConfig, files: list[str],
+        resolve_params: Callable[[str | None], dict]) -> int:
+    """The CLI on image files: targets checked first, then the weights (`resolve_params(args.weights)`);
+    chunks loaded here, run `--workers` at a time while the next loads (buckets compiled ahead on a thread),
+    written in input order as done. Returns the failures."""
     copies = first_copies(files)
     errors: dict[int, ImageError] = {i: ImageError(
         f"{files[i]}: {'given' if files[i] == files[j] else f'the same file as {files[j]}'} twice; its results "
@@ -117,7 +91,7 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
         compile_cache.configure(args.compile_cache)
     except ValueError as err:
         parser.error(str(err))
-    params = detect.resolve_params(args.weights)
+    params = resolve_params(args.weights)
     batch_size = args.batch_size or buckets.default_batch_size()
     workers = args.workers or buckets.default_workers()
     work = _work_order([files[i] for i in todo], params, cfg, batch_size)
@@ -145,7 +119,7 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
                     continue
                 if args.draw:
                     outputs.write_drawing(drawings[i], annotate_image(img, det))
-                det = detect.with_crops(img, det, args.template if args.crops else None, args.crop_size, args.margin)
+                det = detections.with_crops(img, det, args.template if args.crops else None, args.crop_size, args.margin)
                 entry = det.to_json()
                 if args.crops:
                     entry["crops"] = outputs.write_crops(crop_bases[i], det.aligned.crops)
@@ -170,7 +144,7 @@ def _detect_files(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
                 for chunk in work.chunks:
                     indices = [todo[k] for k in chunk]
                     names = [files[i] for i in indices]
-                    loaded, notes = map(list, zip(*[detect.try_load(n, n, args.strict) for n in names]))
+                    loaded, notes = map(list, zip(*[images.try_load(n, n, args.strict) for n in names]))
                     pool.submit((indices, loaded), _detect_chunk, loaded, names, notes, params, cfg, batch_size,
                                 work.merged)
                     collect(pool, workers)
