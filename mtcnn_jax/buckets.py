@@ -8,6 +8,7 @@ Compiling and running those shapes is `compiled.py`'s part.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Callable, Mapping, Sequence
@@ -142,6 +143,7 @@ def merged_buckets(sizes_hw: Sequence[tuple[int, int] | None], config: CascadeCo
     its sides when that leaves fewer shapes to compile and adds at most `budget` pixels of padding to them.
     Padding never changes a detection (and a larger bucket's capacities are no smaller): only the time moves."""
     counts = {bucket: len(indices) for bucket, indices in _ladder_groups(sizes_hw, config).items()}
+    ready = functools.cache(ready)  # asked again at every merge; each answer may read the disk
     to_compile = lambda b, n: sum(not ready(b, size) for size in set(batch_sizes(n, batch_size)))  # noqa: E731
     into: dict[Bucket, Bucket] = {}
     while True:
