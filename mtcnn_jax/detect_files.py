@@ -23,6 +23,7 @@ from mtcnn_jax.detections import Detections
 from mtcnn_jax.images import ImageError, first_copies
 from mtcnn_jax.in_order import InOrder, failed_images
 
+
 def _summary(det: Detections) -> str:
     scores = ", ".join(f"{s:.2f}" for s in det.scores[:8]) + (", ..." if len(det) > 8 else "")
     note = f" [{det.converted}]" if det.converted else ""
@@ -35,15 +36,15 @@ def _detect_chunk(loaded: list, names: list[str], notes: list, params: Any, cfg:
     warnings as lines."""
     lines: list[str] = []
     results = detections.detect_loaded(loaded, names, params, cfg, batch_size, notes, merged=merged,
-                                   warn=lambda name, det: lines.extend(detections.overflow_messages(name, det)))
+                                       warn=lambda name, det: lines.extend(detections.overflow_messages(name, det)))
     return results, [f"warning: {line}" for line in lines]
 
 
 class WorkOrder(NamedTuple):
     """The CLI's plan for a folder, from the files' headers: its batches (`buckets.plan`, in the buckets
-    `detections.merges` chose), every file's index in chunks of work (the planned batches in order, then the files no
-    bucket was planned for: unreadable headers, images too small for a face, in chunks of `batch_size`),
-    and the merges, which the chunks run in."""
+    `detections.merges` chose), every file's index in chunks of work (the planned batches in order, then
+    the files no bucket was planned for: unreadable headers, images too small for a face, in chunks of
+    `batch_size`), and the merges, which the chunks run in."""
     batches: list[tuple[buckets.Bucket, list[int]]]
     chunks: list[list[int]]
     merged: dict[buckets.Bucket, buckets.Bucket]
@@ -119,7 +120,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: CascadeC
                     continue
                 if args.draw:
                     outputs.write_drawing(drawings[i], annotate_image(img, det))
-                det = detections.with_crops(img, det, args.template if args.crops else None, args.crop_size, args.margin)
+                det = detections.with_crops(img, det, args.template if args.crops else None, args.crop_size,
+                                            args.margin)
                 entry = det.to_json()
                 if args.crops:
                     entry["crops"] = outputs.write_crops(crop_bases[i], det.aligned.crops)
@@ -132,6 +134,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: CascadeC
         for i, err in list(errors.items()):
             failed(i, err)
         bar.update(len(errors))
+
         def collect(pool: InOrder, depth: int | None) -> None:
             for (indices, loaded), out, err in pool.done(depth):
                 if err is not None:  # the chunk's run failed: each of its images not failed already says why
