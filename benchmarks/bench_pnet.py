@@ -31,7 +31,6 @@ from mtcnn_jax.pyramid import PyramidPlan, level_masks, level_sizes
 from mtcnn_jax.stages import STAGES
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference" / "multiface.jpg"
-PNET_LAYERS = ((3, 3, 10), (3, 10, 16), (3, 16, 32), (1, 32, 6))  # (kernel, in, out); 1x1: the two heads
 
 
 def best_ms(fn, *args, runs: int) -> float:
@@ -45,18 +44,21 @@ def best_ms(fn, *args, runs: int) -> float:
     return 1000 * min(times)
 
 
-def pnet_flops(h: int, w: int) -> float:
-    """Multiply-adds x 2 of P-Net's convolutions on an h x w input (valid convs, Caffe's ceil pooling)."""
-    h, w = h - 2, w - 2
-    total = 2.0 * h * w * 9 * 3 * 10
-    h, w = math.ceil((h - 2) / 2) + 1, math.ceil((w - 2) / 2) + 1
-    for k, c_in, c_out in PNET_LAYERS[1:]:
+def pnet_flops(pnet: dict, h: int, w: int) -> float:
+    """2 x the multiply-adds of P-Net's convolutions on an h x w input, from its kernels' shapes (valid
+    convolutions; conv1's output pooled 2x2 as `nets.max_pool_ceil` sizes it; the two 1x1 heads)."""
+    total = 0.0
+    for name in ("conv1", "conv2", "conv3"):
+        k, _, c_in, c_out = pnet[name]["conv"]["kernel"].shape
         h, w = h - k + 1, w - k + 1
         total += 2.0 * h * w * k * k * c_in * c_out
-    return total
+        if name == "conv1":
+            pooled = jax.eval_shape(lambda x: nets.max_pool_ceil(x, 2, 2), jax.ShapeDtypeStruct((1, h, w, c_out), jnp.float32))
+            h, w = pooled.shape[1:3]
+    return total + sum(2.0 * h * w * math.prod(pnet[head]["kernel"].shape) for head in ("cls", "box"))
 
 
-def peak_gflops(runs: int, largest_level_hw: tuple[int, int]) -> tuple[float, str]:
+def peak_gflops(runs: int, largest_level_hw: tuple[int, int], conv3_kernel: tuple[int, ...]) -> tuple[float, str]:
     """The best float32 throughput seen here: matrix products, and P-Net's conv3 alone."""
     best, what = 0.0, ""
     rng = np.random.default_rng(0)
@@ -66,12 +68,13 @@ def peak_gflops(runs: int, largest_level_hw: tuple[int, int]) -> tuple[float, st
         if g > best:
             best, what = g, f"{n}x{n} matmul"
     h, w = (s // 2 for s in largest_level_hw)
-    x = jnp.ones((1, h, w, 16), jnp.float32)
-    k = jnp.ones((3, 3, 16, 32), jnp.float32)
+    size, _, c_in, _ = conv3_kernel
+    x = jnp.ones((1, h, w, c_in), jnp.float32)
+    k = jnp.ones(conv3_kernel, jnp.float32)
     conv3 = jax.jit(lambda x, k: nets.conv_valid(x, k, "conv16"))
-    g = 2.0 * (h - 2) * (w - 2) * 9 * 16 * 32 / best_ms(conv3, x, k, runs=runs) / 1e6
+    g = 2.0 * (h - size + 1) * (w - size + 1) * math.prod(conv3_kernel) / best_ms(conv3, x, k, runs=runs) / 1e6
     if g > best:
-        best, what = g, f"P-Net conv3 alone on {h}x{w}x16"
+        best, what = g, f"P-Net conv3 alone on {h}x{w}x{c_in}"
     return best, what
 
 
@@ -87,7 +90,7 @@ def measure(hw: tuple[int, int], params: dict, config: CascadeConfig, runs: int)
     groups = [jnp.zeros((1, r1 - r0, width, 3), jnp.float32) for r0, r1, width in plan.groups]
     run = jax.jit(lambda p, gs, ms: [nets.pnet(p, g, valid_mask=m[None]) for g, m in zip(gs, ms)])
     pnet_ms = best_ms(run, params["pnet"], groups, masks, runs=runs)
-    flops = sum(pnet_flops(r1 - r0, width) for r0, r1, width in plan.groups)
+    flops = sum(pnet_flops(params["pnet"], r1 - r0, width) for r0, r1, width in plan.groups)
     batch = pad_to_bucket([image], bucket)
     upto_ms = {}
     for stage in STAGES:  # the cascade stopping after each stage: what each adds
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     rows = [measure(hw, params, config, args.runs) for hw in sizes]
     largest = max((PyramidPlan.of(*bucket_shape(*hw, config), config).bufs[0] for hw in sizes), key=lambda b: b[0] * b[1])
-    peak, what = peak_gflops(args.runs, largest)
+    peak, what = peak_gflops(args.runs, largest, params["pnet"]["conv3"]["conv"]["kernel"].shape)
     print(f"peak: {peak:.0f} GFLOP/s float32 ({what}; {jax.devices()[0].device_kind})")
     print("| image | bucket | levels | P-Net GFLOP | P-Net ms | P-Net stage ms | + R-Net stage | + O-Net stage | "
           "cascade ms | P-Net share | P-Net GFLOP/s | of peak |")
