@@ -198,12 +198,13 @@ def _top_slots(mask_K: Array, scores_K: Array, n: int, xp) -> Array:
     return _lax().top_k(key_K, n)[1]
 
 
-def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> tuple:
+def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array, limit: Array | None = None) -> tuple:
     """Move the masked-in entries to the front, by descending score, into `capacity` fixed slots.
 
     Returns (*arrays_C, valid_C, overflow) where overflow counts the masked-in entries that did not
     fit, so truncation is never silent. Slots beyond the valid ones are zero-filled. Jittable
-    (capacity is static).
+    (capacity is static). `limit` (a traced count <= capacity) fills only the first `limit` slots: the
+    same entries as `compact` to `limit` slots, in a shape that does not depend on it.
     """
     xp = xp_of(mask_K, scores_K, *arrays_K)
     mask_K = xp.asarray(mask_K, dtype=bool)
@@ -212,13 +213,13 @@ def compact(mask_K: Array, scores_K: Array, capacity: int, *arrays_K: Array) -> 
     if capacity > k:
         order = xp.concatenate([order, xp.zeros(capacity - k, dtype=order.dtype)])
     idx_C = order[:capacity]
-    valid_C = mask_K[idx_C] & (xp.arange(capacity) < k)
+    valid_C = mask_K[idx_C] & (xp.arange(capacity) < (k if limit is None else xp.minimum(k, limit)))
     gathered = []
     for a in arrays_K:
         a_C = xp.asarray(a)[idx_C]
         valid = valid_C.reshape(valid_C.shape + (1,) * (a_C.ndim - 1))
         gathered.append(xp.where(valid, a_C, xp.zeros((), dtype=a_C.dtype)))
-    overflow = xp.maximum(xp.sum(mask_K) - capacity, 0)
+    overflow = xp.maximum(xp.sum(mask_K) - (capacity if limit is None else limit), 0)
     return (*gathered, valid_C, overflow)
 
 

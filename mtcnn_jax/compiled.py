@@ -1,11 +1,13 @@
 """The compiled cascade of each (bucket, batch size): export, compile once, run, and compile ahead.
 
-`cascade.cascade_fn` is exported (`jax.export`, so any weights of the same shapes run in it) and compiled
-ahead of time once per process for each bucket, batch size, config and last stage (`compiled_cascade`),
-and through `compile_cache` once per machine. `detect_bucket` runs a padded batch through it;
-`CompileAhead` compiles the shapes a planned folder needs (`buckets.plan`) on a background thread while
-the shapes already compiled run. `redetect_bucket` runs `cascade.redetect_fn` (R-Net and O-Net around
-the faces of a previous video frame), compiled and kept the same way.
+`compiled_cascade` runs the cascade's stages (`cascade.run_stages`) as programs compiled ahead of time
+(`stage_chain`): those that read the image once per bucket, batch size, config and last stage, those that
+see only candidates once for every bucket of the same slots. Each is exported (`jax.export`, so any weights
+of the same shapes run in it) and compiled once per process, and through `compile_cache` once per machine.
+`detect_bucket` runs a padded batch through them; `CompileAhead` compiles the shapes a planned folder needs
+(`buckets.plan`) on a background thread while the shapes already compiled run. `redetect_bucket` runs
+`cascade.redetect_fn` (R-Net and O-Net around the faces of a previous video frame) the same way, sharing
+the R-Net and O-Net programs. `export_cascade` exports the whole cascade of a bucket as one program.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from __future__ import annotations
 import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
 from mtcnn_jax import compile_cache
-from mtcnn_jax.buckets import Bucket
-from mtcnn_jax.cascade import REDETECT_FACES, cascade_fn, redetect_fn
+from mtcnn_jax.buckets import Bucket, bucket_capacities
+from mtcnn_jax.cascade import (REDETECT, REDETECT_FACES, REDETECT_OFFSETS, cascade_fn, run_stages, shared_slots,
+                              stage_functions)
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.pyramid import PyramidPlan, image_plan
 from mtcnn_jax.stages import INPUT_SIZE, STAGES
@@ -45,14 +48,6 @@ def bucket_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, confi
             *jax.tree_util.tree_map(struct, plan.cells))
 
 
-def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
-                   upto: str = "onet", platforms: Sequence[str] | None = None) -> jax.export.Exported:
-    """The cascade of one bucket and batch size as a `jax.export.Exported` (StableHLO with a stable
-    calling convention; params are arguments, so any weights of these shapes run in it), lowered for
-    `platforms` (default: this machine's backend)."""
-    return _export(bucket_arguments(params, bucket_hw, batch, config), config, upto, platforms)
-
-
 def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes of `redetect_fn`'s arguments for one bucket: the previous faces in
     `cascade.REDETECT_FACES` slots per image."""
@@ -62,27 +57,40 @@ def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, con
             jax.ShapeDtypeStruct((batch, REDETECT_FACES), np.bool_))
 
 
-class Program(NamedTuple):
-    """A jitted program of the package: its function (called with `config=`) and its argument shapes."""
-    fn: Callable
-    arguments: Callable[[dict, tuple[int, int], int, CascadeConfig], tuple]
-
-
-REDETECT = "redetect"  # the re-detection program (video), beside the cascade stopping after each stage
-PROGRAMS: dict[str, Program] = {
-    **{stage: Program(functools.partial(cascade_fn, upto=stage), bucket_arguments) for stage in STAGES},
-    REDETECT: Program(redetect_fn, redetect_arguments),
-}
-
-
-def _export(arguments: tuple, config: CascadeConfig, program: str,
-            platforms: Sequence[str] | None = None) -> jax.export.Exported:
-    """`PROGRAMS[program]` exported for these argument shapes."""
-    fn = functools.partial(PROGRAMS[program].fn, config=config)
+def _export(arguments: tuple, fn: Callable, platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """`fn` (its config bound) exported for these argument shapes."""
     return jax.export.export(jax.jit(fn), platforms=platforms)(*arguments)
 
 
-_compiled: dict[tuple, Future] = {}
+def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
+                   upto: str = "onet", platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """The whole cascade of one bucket and batch size as one `jax.export.Exported` (StableHLO with a stable
+    calling convention; params are arguments, so any weights of these shapes run in it), lowered for
+    `platforms` (default: this machine's backend). It holds every program `compiled_cascade` runs."""
+    fn = functools.partial(cascade_fn, config=config, upto=upto)
+    return _export(bucket_arguments(params, bucket_hw, batch, config), fn, platforms)
+
+
+def stage_chain(bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> list[tuple]:
+    """The programs `compiled_cascade` runs in a row, as (stage, shape): the shape is what the stage's
+    arrays depend on besides the batch size and config: the bucket (and the candidates' slots) for the
+    stages that read the images, the slots for P-Net's NMS and R-Net, nothing for O-Net and re-detection's
+    candidates. So P-Net's NMS, R-Net and O-Net compile once for every bucket of the same slots."""
+    window_capacity, pnet_capacity = bucket_capacities(config, *bucket_hw)
+    if upto == REDETECT:
+        candidates, chain = REDETECT_FACES * len(REDETECT_OFFSETS), [(REDETECT, ())]
+    else:
+        candidates = shared_slots(pnet_capacity)
+        chain = [("pnet", tuple(bucket_hw)), ("pnet_nms", (shared_slots(window_capacity), candidates))]
+    if upto != "pnet":
+        chain += [("rnet_crops", (tuple(bucket_hw), candidates)), ("rnet", (shared_slots(candidates),))]
+    if upto not in ("pnet", "rnet"):
+        chain += [("onet_crops", tuple(bucket_hw)), ("onet", ())]
+    return chain
+
+
+_compiled: dict[tuple, Future] = {}  # (stage, shape, batch, config, params signature) -> its program
+_runners: dict[tuple, Callable] = {}  # (bucket, batch, config, upto, params signature) -> `compiled_cascade`
 _compiled_lock = threading.Lock()
 
 
@@ -93,21 +101,41 @@ def _params_signature(params: dict) -> tuple:
 
 def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
                      upto: str = "onet") -> Callable:
-    """The compiled program `PROGRAMS[upto]` (the cascade stopping after stage `upto`, or `REDETECT`) of one
-    bucket, batch size and config, called as its function without the config. Compiled once per process
-    (threads asking for one bucket wait for one compile; different buckets compile concurrently) and,
-    through `compile_cache`, once per machine: a later process loads its executable from the user's cache
-    folder."""
-    bucket_hw = tuple(bucket_hw)
-    key = _key(params, bucket_hw, batch, config, upto)
+    """The cascade of one bucket, batch size and config stopping after stage `upto` (or `REDETECT`), compiled,
+    called as `cascade.cascade_fn` (or `redetect_fn`) without the config. It runs the programs of
+    `stage_chain` one after another, each compiled once per process (threads asking for one program wait
+    for one compile; different programs compile concurrently) and, through `compile_cache`, once per
+    machine: a later process loads their executables from the user's cache folder."""
+    bucket_hw, signature = tuple(bucket_hw), _params_signature(params)
+    with _compiled_lock:
+        run = _runners.get((bucket_hw, batch, config, upto, signature))
+    if run is not None:
+        return run
+    programs, fns = {}, stage_functions(config, bucket_hw)
+
+    def compile_stage(stage: str, shape: tuple) -> Callable:
+        def describe(*arguments):  # compiles the stage for these argument shapes; returns its output shapes
+            programs[stage] = _program((stage, shape, batch, config, signature), fns[stage], arguments)
+            return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), programs[stage].out_info)
+        return describe
+
+    first = (redetect_arguments if upto == REDETECT else bucket_arguments)(params, bucket_hw, batch, config)
+    run_stages({stage: compile_stage(stage, shape) for stage, shape in stage_chain(bucket_hw, batch, config, upto)},
+               *first[:3], first[3:], upto)  # traces nothing: each stage is compiled from its arguments' shapes
+    run = lambda params, images, sizes, *rest: run_stages(programs, params, images, sizes, rest, upto)  # noqa: E731
+    with _compiled_lock:
+        return _runners.setdefault((bucket_hw, batch, config, upto, signature), run)
+
+
+def _program(key: tuple, fn: Callable, arguments: tuple) -> jax.stages.Compiled:
+    """`fn`, the stage of `key`, compiled for these argument shapes, once per process."""
     with _compiled_lock:
         future, owner = _compiled.get(key), False
         if future is None:
             future, owner = _compiled.setdefault(key, Future()), True
     if owner:
         try:
-            arguments = PROGRAMS[upto].arguments(params, bucket_hw, batch, config)
-            future.set_result(_compile(key, arguments))
+            future.set_result(_compile(key, fn, arguments))
         except BaseException as err:
             with _compiled_lock:
                 del _compiled[key]
@@ -117,32 +145,25 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
 
 def is_compiled(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig = CascadeConfig(),
                 upto: str = "onet") -> bool:
-    """Whether `compiled_cascade` of this shape needs no compile: compiled (or compiling) in this process,
-    or its executable stored in the compile cache."""
-    key = _key(params, bucket_hw, batch, config, upto)
+    """Whether `compiled_cascade` of this shape needs no compile: each of its programs compiled (or compiling)
+    in this process, or its executable stored in the compile cache."""
+    signature = _params_signature(params)
+    keys = [(stage, shape, batch, config, signature) for stage, shape in stage_chain(bucket_hw, batch, config, upto)]
     with _compiled_lock:
-        if key in _compiled:
-            return True
-    return compile_cache.has_executable(_executable_key(key))
-
-
-def _key(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> tuple:
-    return tuple(bucket_hw), batch, config, upto, _params_signature(params)
+        keys = [key for key in keys if key not in _compiled]
+    return all(compile_cache.has_executable(_executable_key(key)) for key in keys)
 
 
 def _executable_key(key: tuple) -> str:
-    return f"cascade|{key!r}|{compiler_options()!r}"
+    return f"stage|{key!r}|{compiler_options()!r}"
 
 
-def _compile(key: tuple, arguments: tuple) -> Callable:
-    """The stored executable of `compiled_cascade`'s key, else the cascade exported (or its stored export
-    loaded) and compiled ahead of time for these argument shapes."""
-    _, _, config, upto, _ = key
-    options = compiler_options()
-
+def _compile(key: tuple, fn: Callable, arguments: tuple) -> jax.stages.Compiled:
+    """The stored executable of a stage key, else `fn` exported (or its stored export loaded) and compiled
+    ahead of time for these argument shapes."""
     def build() -> jax.stages.Compiled:
-        exp, _ = compile_cache.exported(f"cascade|{key!r}", lambda: _export(arguments, config, upto))
-        return jax.jit(exp.call, compiler_options=options).lower(*arguments).compile()
+        exp, _ = compile_cache.exported(f"stage|{key!r}", lambda: _export(arguments, fn))
+        return jax.jit(exp.call, compiler_options=compiler_options()).lower(*arguments).compile()
 
     return compile_cache.executable(_executable_key(key), build)[0]
 

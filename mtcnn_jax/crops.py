@@ -38,6 +38,9 @@ class CropSources:
 
 
 jax.tree_util.register_dataclass(CropSources, data_fields=["sums", "residual"], meta_fields=[])
+# The cascade's stage programs pass crop sources from one to the next (`compiled.py`), so their exports name it.
+jax.export.register_pytree_node_serialization(CropSources, serialized_name="mtcnn_jax.crops.CropSources",
+                                              serialize_auxdata=lambda aux: b"", deserialize_auxdata=lambda data: ())
 
 
 def _prefix(values: Array, axis: int) -> Array:

@@ -192,6 +192,29 @@ def test_compact(mask, scores, capacity):
         assert int(overflow) == max(int(mask.sum()) - capacity, 0)
 
 
+@SETTINGS
+@given(
+    st.lists(st.booleans(), min_size=K, max_size=K),
+    st.lists(st.integers(0, 3), min_size=K, max_size=K),
+    st.sampled_from([5, K, K + 3]),
+    st.integers(0, 5),
+)
+def test_compact_with_a_limit_is_compact_to_the_limit(mask, scores, capacity, limit):
+    """A traced limit fills the first `limit` of `capacity` slots with what `compact` to `limit` slots
+    gives, zeros after them, and the same overflow: a shape that does not depend on the limit."""
+    mask, scores = np.array(mask), np.array(scores, float)
+    values, boxes = np.arange(K) + 100, np.arange(4 * K, dtype=float).reshape(K, 4)
+    want = B.compact(mask, scores, limit, values, boxes)
+    for xp, fn in ((np, B.compact), (jnp, compact_jit)):
+        got = fn(xp.asarray(mask), xp.asarray(scores), capacity, xp.asarray(values), xp.asarray(boxes),
+                 limit=xp.asarray(limit))
+        assert got[0].shape == (capacity,) and got[2].shape == (capacity,)
+        for g, w in zip(got[:3], want[:3]):
+            np.testing.assert_array_equal(np.asarray(g)[:limit], w)
+            assert (np.asarray(g)[limit:] == 0).all()
+        assert int(got[3]) == int(want[3])
+
+
 # ---- regress, square, fix -----------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""Static compilation: the bucket ladder, batch plans, the compile cache between processes, compiling
-ahead, and the cascade lowered for CUDA within a memory bound."""
+"""Static compilation: the bucket ladder, batch plans, the stage programs buckets share, the compile cache
+between processes, compiling ahead, and the cascade lowered for CUDA within a memory bound."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtcnn_jax import buckets, compile_cache, compiled, nets
+from mtcnn_jax import buckets, cascade, compile_cache, compiled, nets
 from mtcnn_jax.cascade_config import CascadeConfig
+from mtcnn_jax.pyramid import PyramidPlan, image_plan
 
 LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -120,6 +122,36 @@ def test_header_size_follows_exif_orientation(tmp_path):
     assert buckets.header_hw(tmp_path / "r.jpg") == (50, 30)
     assert buckets.header_hw(tmp_path / "p.png") == (30, 50)
     assert buckets.header_hw(tmp_path / "bad.jpg") is None
+
+
+# ---- stage programs shared by buckets ---------------------------------------------------------------
+
+def test_shared_slots_are_powers_of_two():
+    assert [cascade.shared_slots(n) for n in (1, 2, 3, 384, 512, 513, 1536, 4096)] == [1, 2, 4, 512, 512, 1024,
+                                                                                        2048, 4096]
+
+
+def test_stage_programs_equal_the_whole_cascade_and_buckets_share_them(original_weights, shared_data, compiles):
+    """The compiled stages in a row give exactly what `cascade_fn` jitted as one program gives; a second
+    bucket of the same slots compiles only its own three programs (pyramid and P-Net, R-Net's crops,
+    O-Net's crops): the P-Net NMS, R-Net and O-Net programs serve both."""
+    config = CascadeConfig(min_face_size=16)  # a config no other test compiles
+    photo = Image.open(shared_data / "reference" / "multiface.jpg").convert("RGB")
+    image = np.asarray(photo.resize((170, round(170 * photo.height / photo.width))))
+    first = compiles.count
+    compiled.detect_bucket(original_weights, *buckets.pad_to_bucket([image[:100, :120]], (128, 128)), config)
+    second = compiles.count
+    images, sizes = buckets.pad_to_bucket([image], (128, 192))
+    out = compiled.detect_bucket(original_weights, images, sizes, config)
+    assert second - first == len(compiled.stage_chain((128, 128), 1, config, "onet")) == 6
+    assert compiles.count - second == 3
+    level_hw, level_on, taps = image_plan(sizes, (128, 192), config)
+    whole = jax.jit(cascade.cascade_fn, static_argnames="config")(
+        original_weights, images, sizes, level_hw, level_on, taps, *PyramidPlan.of(128, 192, config).cells,
+        config=config)
+    assert out["valid"].sum() >= 2 and out["overflow"].keys() == whole["overflow"].keys()
+    for got, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(whole)):
+        np.testing.assert_array_equal(got, np.asarray(want))
 
 
 # ---- compile once per machine --------------------------------------------------------------------
@@ -237,7 +269,9 @@ def test_compile_ahead_leaves_nothing_to_compile(compiles):
 
 # ---- ready for accelerators ----------------------------------------------------------------------
 
-BUFFER_BOUND = 512 * 2**20  # bytes; the largest legitimate buffers are the batch's images and P-Net maps
+# bytes; the largest legitimate buffer is O-Net's crops of the batch at its capacity, which the O-Net program
+# shared by all buckets reads (64 x 512 x 48 x 48 x 3 floats, 864 MiB), then the summed-area tables and P-Net maps
+BUFFER_BOUND = 2**30
 _BYTES = {"f32": 4, "i32": 4, "ui32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "ui8": 1, "i1": 1,
           "i64": 8, "f64": 8}
 
