@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| bucket | new programs (XLA s) | chain wall s | whole as one program: trace + export s, XLA s |")
     print("|---|---|---|---|")
     for hw in buckets:
-        chain = compiled.stage_chain(hw, args.batch, config, "onet")
+        chain = compiled.stage_chain(hw, config, "onet")
         new = [stage for stage, shape in chain if (stage, shape) not in seen]
         seen.update(chain)
         del xla[:]

@@ -115,7 +115,8 @@ def _stage_net(stage: str, params: dict) -> Callable:
 
     def fn(crops_BxCxSxSx3):
         bsz, c = crops_BxCxSxSx3.shape[:2]
-        o = nets.NETS[stage](params[stage], nets.normalize(crops_BxCxSxSx3.reshape((bsz * c,) + crops_BxCxSxSx3.shape[2:])))
+        crops = crops_BxCxSxSx3.reshape((bsz * c,) + crops_BxCxSxSx3.shape[2:])
+        o = nets.NETS[stage](params[stage], nets.normalize(crops))
         o = {k: v.reshape((bsz, c) + v.shape[1:]) for k, v in o.items()}
         return {**o, "prob": nets.face_probability(o["logits"])}
 

@@ -71,7 +71,7 @@ def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config:
     return _export(bucket_arguments(params, bucket_hw, batch, config), fn, platforms)
 
 
-def stage_chain(bucket_hw: tuple[int, int], batch: int, config: CascadeConfig, upto: str) -> list[tuple]:
+def stage_chain(bucket_hw: tuple[int, int], config: CascadeConfig, upto: str) -> list[tuple]:
     """The programs `compiled_cascade` runs in a row, as (stage, shape): the shape is what the stage's
     arrays depend on besides the batch size and config: the bucket (and the candidates' slots) for the
     stages that read the images, the slots for P-Net's NMS and R-Net, nothing for O-Net and re-detection's
@@ -120,7 +120,7 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
         return describe
 
     first = (redetect_arguments if upto == REDETECT else bucket_arguments)(params, bucket_hw, batch, config)
-    run_stages({stage: compile_stage(stage, shape) for stage, shape in stage_chain(bucket_hw, batch, config, upto)},
+    run_stages({stage: compile_stage(stage, shape) for stage, shape in stage_chain(bucket_hw, config, upto)},
                *first[:3], first[3:], upto)  # traces nothing: each stage is compiled from its arguments' shapes
     run = lambda params, images, sizes, *rest: run_stages(programs, params, images, sizes, rest, upto)  # noqa: E731
     with _compiled_lock:
@@ -148,7 +148,7 @@ def is_compiled(params: dict, bucket_hw: tuple[int, int], batch: int, config: Ca
     """Whether `compiled_cascade` of this shape needs no compile: each of its programs compiled (or compiling)
     in this process, or its executable stored in the compile cache."""
     signature = _params_signature(params)
-    keys = [(stage, shape, batch, config, signature) for stage, shape in stage_chain(bucket_hw, batch, config, upto)]
+    keys = [(stage, shape, batch, config, signature) for stage, shape in stage_chain(bucket_hw, config, upto)]
     with _compiled_lock:
         keys = [key for key in keys if key not in _compiled]
     return all(compile_cache.has_executable(_executable_key(key)) for key in keys)

@@ -143,7 +143,7 @@ def test_stage_programs_equal_the_whole_cascade_and_buckets_share_them(original_
     second = compiles.count
     images, sizes = buckets.pad_to_bucket([image], (128, 192))
     out = compiled.detect_bucket(original_weights, images, sizes, config)
-    assert second - first == len(compiled.stage_chain((128, 128), 1, config, "onet")) == 6
+    assert second - first == len(compiled.stage_chain((128, 128), config, "onet")) == 6
     assert compiles.count - second == 3
     level_hw, level_on, taps = image_plan(sizes, (128, 192), config)
     whole = jax.jit(cascade.cascade_fn, static_argnames="config")(
