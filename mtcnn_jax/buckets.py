@@ -28,9 +28,9 @@ BUCKET_BASE = 128  # the smallest bucket side: P-Net's work on a smaller image i
 # padding; their sides are rounded up to this multiple instead (unless a config sets bucket_multiple).
 STREAM_BUCKET_MULTIPLE = 16
 # A bucket's images run in a larger bucket when that spares a compile and pads them by at most this many
-# pixels more: on CPU a bucket's compile costs about as much as detection on 30 Mpixel of bucket area
-# (benchmarks/README.md, "Fewer compiles"), so the padding costs less than the compile it spares until
-# the same images have run about 15 times; on accelerators a compile weighs more against the pixels.
+# pixels more: on CPU a bucket's own programs compile in about as long as detection takes on 20 Mpixel of
+# bucket area (benchmarks/README.md, "Fewer compiles" and "Stage programs"), so the padding costs less than
+# the compile it spares until the same images have run about 10 times; on accelerators a compile weighs more.
 MERGE_PIXELS = 2**21
 
 
