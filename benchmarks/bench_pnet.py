@@ -3,7 +3,7 @@ peak float32 throughput its convolutions reach (issue 23, item 6).
 
 The peak is the best of float32 matrix products of a few sizes (XLA:CPU's fastest kernel here), and of
 P-Net's own third convolution alone at the largest level (which can beat them). P-Net runs as in the
-cascade: on the canvas groups of the image's bucket (`PyramidPlan.groups`) with their valid masks; its
+cascade: on the packed canvas of the image's bucket (`PyramidPlan.canvas_hw`) with its valid mask; its
 work is the multiply-adds of its four convolution layers, counted from the shapes. The compiled cascade
 (`compiled.detect_bucket`, one image) is timed stopping after each stage, for P-Net's share and what the
 rest costs: the P-Net stage (pyramid, P-Net, two NMS), then R-Net's (crops, net, NMS), then O-Net's.
@@ -79,7 +79,7 @@ def peak_gflops(runs: int, largest_level_hw: tuple[int, int], conv3_kernel: tupl
 
 
 def measure(hw: tuple[int, int], params: dict, config: CascadeConfig, runs: int) -> dict:
-    """P-Net over the pyramid of an h x w image (its bucket's groups) and the whole cascade on it."""
+    """P-Net over the pyramid of an h x w image (its bucket's canvas) and the whole cascade on it."""
     photo = load_image(PHOTO)  # tiled to the size: real faces at every scale
     reps = (math.ceil(hw[0] / photo.shape[0]), math.ceil(hw[1] / photo.shape[1]), 1)
     image = np.ascontiguousarray(np.tile(photo, reps)[: hw[0], : hw[1]])
@@ -87,10 +87,10 @@ def measure(hw: tuple[int, int], params: dict, config: CascadeConfig, runs: int)
     plan = PyramidPlan.of(*bucket, config)
     level_hw = level_sizes(*hw, list(plan.scales))
     masks = level_masks(level_hw, plan)
-    groups = [jnp.zeros((1, r1 - r0, width, 3), jnp.float32) for r0, r1, width in plan.groups]
-    run = jax.jit(lambda p, gs, ms: [nets.pnet(p, g, valid_mask=m[None]) for g, m in zip(gs, ms)])
-    pnet_ms = best_ms(run, params["pnet"], groups, masks, runs=runs)
-    flops = sum(pnet_flops(params["pnet"], r1 - r0, width) for r0, r1, width in plan.groups)
+    canvas = jnp.zeros((1, *plan.canvas_hw, 3), jnp.float32)
+    run = jax.jit(lambda p, c, m: nets.pnet(p, c, valid_mask=m[None]))
+    pnet_ms = best_ms(run, params["pnet"], canvas, masks, runs=runs)
+    flops = pnet_flops(params["pnet"], *plan.canvas_hw)
     batch = pad_to_bucket([image], bucket)
     upto_ms = {}
     for stage in STAGES:  # the cascade stopping after each stage: what each adds

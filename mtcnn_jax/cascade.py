@@ -141,21 +141,17 @@ def pnet_stage(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    mips = _per_image(lambda im, hw: mip_pyramid(im, hw, plan.n_mips))(images, sizes_Bx2)
-    groups = _per_image(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
+    mips = _per_image(lambda im: mip_pyramid(im, plan.n_mips))(images)
+    canvas = _per_image(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
         images, sizes_Bx2, level_hw_BxLx2, taps_B, mips)
-    masks = _per_image(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
-    probs, regs = [], []
-    for group, real in zip(groups, masks):
-        out = nets.pnet(params["pnet"], nets.normalize(group), valid_mask=real)
-        probs.append(nets.face_probability(out["logits"]).reshape(bsz, -1))
-        regs.append(out["box"].reshape(bsz, -1, 4))
-    prob = jnp.concatenate(probs, axis=1)
+    real = _per_image(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
+    out = nets.pnet(params["pnet"], nets.normalize(canvas), valid_mask=real)
+    prob = nets.face_probability(out["logits"]).reshape(bsz, -1)
     mask = _cell_mask(prob, level_hw_BxLx2, level_on_BxL, cell_level_M, cell_rc_Mx2, config.thresholds[0])
     window_capacity, pnet_capacity = bucket_capacities(config, hb, wb)
     windows = _per_image(functools.partial(_pnet_windows, windows_Mx4=windows_Mx4, level_M=cell_level_M,
                                            window_capacity=window_capacity))(
-        prob, jnp.concatenate(regs, axis=1), mask)
+        prob, out["box"].reshape(bsz, -1, 4), mask)
     return {**windows, "capacity": jnp.full((bsz,), pnet_capacity, jnp.int32)}
 
 

@@ -55,9 +55,8 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
         return {"scales": [], "levels": [], "pnet_levels": [], "pnet": none, "rnet": none, "onet": none,
                 "landmarks": np.zeros((0, 5, 2), np.float32)}
     sizes = level_sizes(h, w, list(plan.scales))
-    mips = mip_pyramid(image, np.array([h, w]), plan.n_mips)
-    groups = [np.asarray(g) for g in build_levels(image, np.array([h, w]), sizes, plan, mips=mips)]
-    levels = level_views(groups, sizes, plan)
+    mips = mip_pyramid(image, plan.n_mips)
+    levels = level_views(np.asarray(build_levels(image, np.array([h, w]), sizes, plan, mips=mips)), sizes, plan)
     found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, plan.scales)]
     steps: dict[str, Any] = {"scales": list(plan.scales), "levels": levels, "pnet_levels": [
         {"boxes": f[0], "scores": f[1], "n_above_threshold": f[3]} for f in found]}

@@ -6,8 +6,9 @@ exact area average when shrinking, bilinear with half-pixel centres when enlargi
 crops, `crops.py`, compute the same from the image itself). One shortcut keeps it cheap, documented in the
 README: a level is area-resampled from the exact 2^j x 2^j mip of the image just larger than it
 (`mip_pyramid`), not from the image itself.
-All levels live in stacked canvases (`PyramidPlan`: the four largest levels one each, the rest together),
-so P-Net runs five times. Every function works on numpy (the readable path) and jax arrays (the jitted one).
+All levels live in one canvas (`PyramidPlan`, packed by `pack_levels`), so P-Net runs once per image, and
+the canvas is built from a few whole-array gathers (`build_levels`), so a bucket compiles fast. Every
+function works on numpy (the readable path) and jax arrays (the jitted one).
 """
 
 from __future__ import annotations
@@ -75,19 +76,45 @@ def resample_taps(start_E: Array, length_E: Array, out_len_E: Array, out_buf: in
     return xp.where(shrink, idx_area, idx_bilinear).astype(xp.int32), weights.astype(xp.float32)
 
 
-SEPARATE_LEVELS = 4  # P-Net runs on each of the 4 largest levels alone, then once on the rest stacked
+GAP = 2  # pixels between packed levels, so that P-Net's ceil pooling never mixes two (nets.pnet's valid_mask)
+
+
+def _footprint(h: int, w: int) -> tuple[int, int]:
+    """A level's room in the canvas: its buffer and the gap, rounded up to even sides (even offsets keep
+    P-Net's stride-2 cells aligned with every level)."""
+    return h + GAP + h % 2, w + GAP + w % 2
+
+
+def pack_levels(bufs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Places (row, col) for the level buffers in one canvas as wide as the widest, and the canvas size:
+    guillotine packing, largest first, each level into the smallest free rectangle it fits (the canvas's
+    open bottom last), which then splits into the room right of the level and the room below it.
+    One canvas means one P-Net shape per bucket: XLA compiles P-Net once instead of once per level group."""
+    width = max((_footprint(*b)[1] for b in bufs), default=0)
+    free = [(0, 0, width, math.inf)]  # free rectangles (row, col, width, height)
+    places = []
+    for h, w in bufs:
+        fh, fw = _footprint(h, w)
+        y, x, rw, rh = min((r for r in free if r[2] >= fw and r[3] >= fh), key=lambda r: (r[2] * r[3], r[:2]))
+        free.remove((y, x, rw, rh))
+        free += [r for r in ((y, x + fw, rw - fw, fh), (y + fh, x, rw, rh - fh)) if r[2] > 0 and r[3] > 0]
+        places.append((y, x))
+    window = INPUT_SIZE["pnet"]
+    hc = max([y + h for (y, _), (h, _) in zip(places, bufs)], default=0)
+    wc = max([x + w for (_, x), (_, w) in zip(places, bufs)], default=0)
+    return places, (max(hc, window), max(wc, window))
 
 
 @dataclass(frozen=True)
 class PyramidPlan:
-    """The static layout of an h x w (bucket) pyramid: scales, level buffers stacked in one canvas
-    (even row offsets, 2-row gaps so P-Net never mixes levels), mips and resampling taps."""
+    """The static layout of an h x w (bucket) pyramid: scales, level buffers packed in one canvas
+    (`pack_levels`: even offsets, 2-pixel gaps so P-Net never mixes levels), mips and resampling taps."""
 
     scales: tuple[float, ...]
     bufs: tuple[tuple[int, int], ...]
-    offsets: tuple[int, ...]
+    places: tuple[tuple[int, int], ...]
     canvas_hw: tuple[int, int]
-    n_mips: int
+    mip_hw: tuple[tuple[int, int], ...]
     taps: int
 
     @staticmethod
@@ -95,16 +122,16 @@ class PyramidPlan:
     def of(h: int, w: int, config: CascadeConfig) -> "PyramidPlan":
         scales = pyramid_scales(h, w, config.min_face_size, config.scale_factor)
         bufs = [tuple(b) for b in level_sizes(h, w, scales).tolist()]
-        offsets, row = [], 0
-        for bh, _ in bufs:
-            offsets.append(row)
-            row += bh + 2 + (bh % 2)
+        places, canvas_hw = pack_levels(bufs)
         ratio = 1.0 / min(scales[-1], 1.0) if scales else 1.0
         n_mips = max(1, min(int(math.log2(ratio)), 6) + 1)
-        window = INPUT_SIZE["pnet"]
-        return PyramidPlan(tuple(scales), tuple(bufs), tuple(offsets),
-                           (max(row - 2, window), max([b[1] for b in bufs], default=window)), n_mips,
+        mip_hw = tuple((-(-h // 2**j), -(-w // 2**j)) for j in range(n_mips))  # mip_pyramid's sizes
+        return PyramidPlan(tuple(scales), tuple(bufs), tuple(places), canvas_hw, mip_hw,
                            _taps(ratio / 2 ** (n_mips - 1) * 13 / 12))
+
+    @property
+    def n_mips(self) -> int:
+        return len(self.mip_hw)
 
     @functools.cached_property
     def mips(self) -> np.ndarray:
@@ -113,43 +140,20 @@ class PyramidPlan:
         return np.clip(np.floor(np.log2(inv) + 1e-9), 0, self.n_mips - 1).astype(int)
 
     @functools.cached_property
-    def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each canvas row's level (-1 in gaps) and its row within that level."""
-        level, local = np.full(self.canvas_hw[0], -1, np.int32), np.zeros(self.canvas_hw[0], np.int32)
-        for k, ((bh, _), oy) in enumerate(zip(self.bufs, self.offsets)):
-            level[oy : oy + bh], local[oy : oy + bh] = k, np.arange(bh)
-        return level, local
-
-    @functools.cached_property
-    def groups(self) -> tuple[tuple[int, int, int], ...]:
-        """Canvas slices (first row, end row, width) P-Net runs on: the first SEPARATE_LEVELS levels one
-        each, then all smaller levels stacked at the width of the first of them (stacking all levels at
-        the full canvas width would waste 70 % on padding; from the fifth level on, the waste is small)."""
-        b, o, hc = self.bufs, self.offsets, self.canvas_hw[0]
-        if not b:
-            return ((0, hc, self.canvas_hw[1]),)
-        n = min(SEPARATE_LEVELS, len(b) - 1)
-        return tuple((o[k], o[k] + b[k][0], b[k][1]) for k in range(n)) + ((o[n], hc, b[n][1]),)
-
-    @functools.cached_property
     def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For the P-Net maps of all groups, flattened: windows (M, 4) in float64 as MATLAB computes them,
-        then float32; each cell's level (M,) (-1 outside levels) and (row, col) within the level (M, 2).
+        """For the canvas's P-Net map, flattened: windows (M, 4) in float64 as MATLAB computes them, then
+        float32; each cell's level (M,) (-1 outside levels) and (row, col) within the level (M, 2).
         Passed to the jitted cascade as arguments: as constants they would slow its compilation."""
-        wins, levels, rcs = [], [], []
-        for r0, r1, width in self.groups:
-            mh, mw = (int(v) for v in pnet_map_size(np.array([r1 - r0, width])))
-            level, lrow = np.full(mh, -1, np.int32), np.zeros(mh, np.int32)
-            for k, ((bh, _), oy) in enumerate(zip(self.bufs, self.offsets)):
-                if r0 <= oy < r1:
-                    n = max(int(pnet_map_size(np.array(bh))), 0)
-                    level[(oy - r0) // 2 : (oy - r0) // 2 + n], lrow[(oy - r0) // 2 : (oy - r0) // 2 + n] = k, np.arange(n)
-            scale = np.array(self.scales + (1.0,))[level]  # level -1 gets a dummy scale
-            rows, cols = np.meshgrid(lrow, np.arange(mw), indexing="ij")
-            wins.append(bx.pnet_windows(rows, cols, scale[:, None]).reshape(-1, 4))
-            levels.append(np.repeat(level, mw))
-            rcs.append(np.stack([rows.reshape(-1), cols.reshape(-1)], -1))
-        return np.concatenate(wins).astype(np.float32), np.concatenate(levels), np.concatenate(rcs).astype(np.int32)
+        mh, mw = (int(v) for v in pnet_map_size(np.array(self.canvas_hw)))
+        level, rc = np.full((mh, mw), -1, np.int32), np.zeros((mh, mw, 2), np.int32)
+        for k, ((bh, bw), (oy, ox)) in enumerate(zip(self.bufs, self.places)):
+            nh, nw = (max(int(v), 0) for v in pnet_map_size(np.array([bh, bw])))
+            level[oy // 2 : oy // 2 + nh, ox // 2 : ox // 2 + nw] = k
+            rc[oy // 2 : oy // 2 + nh, ox // 2 : ox // 2 + nw] = np.stack(np.meshgrid(
+                np.arange(nh), np.arange(nw), indexing="ij"), -1)
+        scale = np.array(self.scales + (1.0,))[level]  # level -1 gets a dummy scale
+        windows = bx.pnet_windows(rc[..., 0], rc[..., 1], scale)
+        return windows.reshape(-1, 4).astype(np.float32), level.reshape(-1), rc.reshape(-1, 2)
 
 
 def _sum_pool2(x_HxWxC: Array) -> Array:
@@ -157,105 +161,107 @@ def _sum_pool2(x_HxWxC: Array) -> Array:
     return x[:, 0::2] + x[:, 1::2]
 
 
-def mip_pyramid(image_HxWx3: Array, image_hw: Array, n_mips: int) -> list[Array]:
-    """Mips of the real image region: mip j is the exact 2^j x 2^j area average over REAL pixels only,
-    so padding never leaks in. The image must be zero outside its real h x w; mip 0 is the image."""
-    xp = bx.xp_of(image_HxWx3, image_hw)
+def mip_pyramid(image_HxWx3: Array, n_mips: int) -> list[Array]:
+    """Mips of the image as block sums: mip j sums each 2^j x 2^j block (mip 0 is the image). The image
+    must be zero outside its real h x w, so padding never leaks in; `level_taps` divides by the number of
+    real pixels in each block, which makes every mip the exact area average over real pixels."""
+    xp = bx.xp_of(image_HxWx3)
     sums = xp.asarray(image_HxWx3, xp.float32)
     mips = [sums]
-    for j in range(1, n_mips):
+    for _ in range(1, n_mips):
         odd = ((0, sums.shape[0] % 2), (0, sums.shape[1] % 2), (0, 0))
-        sums, size = _sum_pool2(xp.pad(sums, odd) if odd[0][1] or odd[1][1] else sums), 2**j
-        rows = xp.clip(image_hw[0] - xp.arange(sums.shape[0]) * size, 0, size)  # real pixels per block row
-        cols = xp.clip(image_hw[1] - xp.arange(sums.shape[1]) * size, 0, size)
-        mips.append(sums / xp.maximum(rows[:, None] * cols[None, :], 1)[..., None].astype(xp.float32))
+        sums = _sum_pool2(xp.pad(sums, odd) if odd[0][1] or odd[1][1] else sums)
+        mips.append(sums)
     return mips
 
 
-def _group_source(mips: list[Array], js: list[int], xp) -> tuple[Array, dict[int, int]]:
-    """The array a P-Net group's rows are gathered from: its one mip, or its mips stacked (padded to a
-    common width) when its levels use several; and each mip's first row in it."""
-    if len(js) == 1:
-        return mips[js[0]], {js[0]: 0}
-    width = max(mips[j].shape[1] for j in js)
-    parts = [xp.pad(mips[j], ((0, 0), (0, width - mips[j].shape[1]), (0, 0))) for j in js]
-    return xp.concatenate(parts), dict(zip(js, np.cumsum([0] + [p.shape[0] for p in parts[:-1]]).tolist()))
-
-
 def level_taps(image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> tuple[Array, Array, Array, Array]:
-    """Resampling taps of every level from its mip: rows (L, max level height, T) and columns (L, canvas
-    width, T), indices and weights. They depend only on the sizes, so the jitted cascade gets them
+    """Resampling taps of every level from its mip, as `build_levels` reads them: rows (R, T), every level's
+    rows one after the other (R: the sum of the buffers' heights) indexing its mip's stacked array
+    (`_atlases`); columns (L, canvas width, T) indexing its mip. Indices, then weights, which also divide each
+    mip block's sum by its real pixels. They depend only on the sizes, so the jitted cascade gets them
     computed on the host (numpy) as arguments."""
     xp = bx.xp_of(image_hw, level_hw_Lx2)
     hw, lhw = xp.asarray(image_hw, xp.float32), xp.asarray(level_hw_Lx2, xp.float32)
-    zero, div = xp.zeros_like(lhw[:, 0]), xp.asarray(2.0 ** plan.mips, xp.float32)
-    iy, wy = resample_taps(zero, hw[0] / div, lhw[:, 0], max(b[0] for b in plan.bufs), plan.taps)
-    ix, wx = resample_taps(zero, hw[1] / div, lhw[:, 1], plan.canvas_hw[1], plan.taps)
-    return iy, wy, ix, wx
+    zero, block_L = xp.zeros_like(lhw[:, 0]), xp.asarray(2.0 ** plan.mips, xp.float32)
+    iy, wy = resample_taps(zero, hw[0] / block_L, lhw[:, 0], max(b[0] for b in plan.bufs), plan.taps)
+    ix, wx = resample_taps(zero, hw[1] / block_L, lhw[:, 1], plan.canvas_hw[1], plan.taps)
+    mip_hw, block = np.array(plan.mip_hw)[plan.mips], block_L[:, None, None]  # (L, 2), (L, 1, 1)
+    iy, ix = xp.clip(iy, 0, mip_hw[:, 0, None, None] - 1), xp.clip(ix, 0, mip_hw[:, 1, None, None] - 1)
+    wy = wy / xp.clip(hw[0] - iy * block, 1, block)  # the real rows in each block row
+    wx = wx / xp.clip(hw[1] - ix * block, 1, block)  # the real columns in each block column
+    atlas_row = [0] + [sum(h for h, _ in plan.mip_hw[1:j]) for j in range(1, plan.n_mips)]
+    rows = xp.concatenate([atlas_row[j] + iy[k, :h] for k, (j, (h, _)) in enumerate(zip(plan.mips.tolist(),
+                                                                                          plan.bufs))])
+    return rows, xp.concatenate([wy[k, :h] for k, (h, _) in enumerate(plan.bufs)]), ix, wx
 
 
 def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan,
-                 taps: tuple[Array, Array, Array, Array] | None = None, mips: list[Array] | None = None) -> list[Array]:
-    """All pyramid levels (pixel units) as the plan's P-Net groups, each (rows, width, 3): level k at
-    group rows offsets[k] - first row, area-resampled to ceil(h * s) x ceil(w * s) from its mip (the
-    2^-j scale just larger than it); zero elsewhere. Per group: one vertical gather, one horizontal per
-    level. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` and `mips` the image's `mip_pyramid` (at
-    least plan.n_mips), each computed here when not given."""
+                 taps: tuple[Array, Array, Array, Array] | None = None, mips: list[Array] | None = None) -> Array:
+    """All pyramid levels (pixel units) in the plan's canvas (rows, width, 3): level k at plan.places[k],
+    area-resampled to ceil(h * s) x ceil(w * s) from its mip (the 2^-j scale just larger than it); zero
+    elsewhere. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` and `mips` the image's `mip_pyramid`
+    (at least plan.n_mips), each computed here when not given.
+    Separable, in few ops (XLA compiles each op of a bucket once, so fewer ops compile faster): the rows of
+    all levels gathered at once from the image and at once from the smaller mips stacked (`_atlases`), then
+    each level's columns from its rows."""
     xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
-    mips = mip_pyramid(image_HxWx3, image_hw, plan.n_mips) if mips is None else mips
-    iy, wy, ix, wx = level_taps(image_hw, level_hw_Lx2, plan) if taps is None else taps
-    level, local = plan.rows
-    groups = []
-    for r0, r1, width in plan.groups:
-        lvl, loc, on = np.maximum(level[r0:r1], 0), local[r0:r1], (level[r0:r1] >= 0)
-        js = sorted({int(plan.mips[k]) for k in set(lvl[on].tolist())})
-        src, first = _group_source(mips, js, xp)
-        base = np.array([first.get(int(j), 0) for j in plan.mips])[lvl]
-        rows_RxT = xp.clip(iy[lvl, loc] + base[:, None], 0, src.shape[0] - 1)
-        wy_RxT = xp.where(on[:, None], wy[lvl, loc], 0.0)
-        v = sum(wy_RxT[:, t, None, None] * src[rows_RxT[:, t]] for t in range(plan.taps))  # (R, W_src, 3)
+    mips = mip_pyramid(image_HxWx3, plan.n_mips) if mips is None else mips
+    rows_RxT, wy_RxT, ix, wx = level_taps(image_hw, level_hw_Lx2, plan) if taps is None else taps
+    canvas, first = xp.zeros((*plan.canvas_hw, 3), xp.float32), 0
+    for js in _atlases(plan):
+        ks = [k for k in range(len(plan.bufs)) if plan.mips[k] in js]
+        n_rows, width = sum(plan.bufs[k][0] for k in ks), plan.mip_hw[js[0]][1]
+        atlas = xp.concatenate([xp.pad(mips[j], ((0, 0), (0, width - mips[j].shape[1]), (0, 0))) for j in js])
+        rows_NxT, wy_NxT = rows_RxT[first : first + n_rows], wy_RxT[first : first + n_rows]
+        v = sum(wy_NxT[:, t, None, None] * atlas[rows_NxT[:, t]] for t in range(plan.taps))
         # Columns: gather whole columns of each level's rows (transposed, a column is one contiguous row;
         # gathering single pixels is several times slower on XLA:CPU).
-        vt, cols = xp.swapaxes(v, 0, 1), xp.clip(ix, 0, v.shape[1] - 1)  # (W_src, R, 3)
-        pieces, row = [], 0
-        for k in sorted(set(lvl[on].tolist())):
-            a, b = plan.offsets[k] - r0, plan.offsets[k] - r0 + plan.bufs[k][0]
-            pieces += [xp.zeros((width, a - row, 3), xp.float32)] if a > row else []
-            pieces.append(sum(wx[k, :width, t, None, None] * vt[cols[k, :width, t], a:b] for t in range(plan.taps)))
-            row = b
-        pieces += [xp.zeros((width, (r1 - r0) - row, 3), xp.float32)] if r1 - r0 > row else []
-        groups.append(xp.swapaxes(xp.concatenate(pieces, axis=1), 0, 1))
-    return groups
+        vt, row = xp.swapaxes(v, 0, 1), 0
+        for k in ks:
+            (bh, bw), cols = plan.bufs[k], ix[k, : plan.bufs[k][1]]
+            level = sum(wx[k, :bw, t, None, None] * vt[cols[:, t], row : row + bh] for t in range(plan.taps))
+            canvas, row = _placed(canvas, xp.swapaxes(level, 0, 1), plan.places[k], xp), row + bh
+        first += n_rows
+    return canvas
 
 
-def level_masks(level_hw_Lx2: Array, plan: PyramidPlan) -> list[Array]:
-    """Real pixels (rows, width) of each P-Net group for one image's level sizes."""
+def _atlases(plan: PyramidPlan) -> list[list[int]]:
+    """The mips read together: the image alone, and the smaller mips stacked (each of those levels' rows is
+    gathered from one stacked array, so a bucket compiles two vertical passes, not one per mip)."""
+    used = set(plan.mips.tolist())
+    return [js for js in ([0], list(range(1, plan.n_mips))) if used & set(js)]
+
+
+def _placed(canvas: Array, level: Array, place: tuple[int, int], xp) -> Array:
+    """The canvas with `level` written at `place` (numpy in place, jax functionally)."""
+    (y, x), (h, w) = place, level.shape[:2]
+    if xp is np:
+        canvas[y : y + h, x : x + w] = level
+        return canvas
+    return canvas.at[y : y + h, x : x + w].set(level)
+
+
+def level_masks(level_hw_Lx2: Array, plan: PyramidPlan) -> Array:
+    """Real pixels (rows, width) of the canvas for one image's level sizes."""
     xp = bx.xp_of(level_hw_Lx2)
-    level, local = plan.rows
-    lhw = xp.asarray(level_hw_Lx2)[np.maximum(level, 0)]
-    real = ((level >= 0) & (local < lhw[:, 0]))[:, None] & (xp.arange(plan.canvas_hw[1])[None, :] < lhw[:, 1:2])
-    return [real[r0:r1, :width] for r0, r1, width in plan.groups]
+    lhw = xp.asarray(level_hw_Lx2)
+    rows, cols = xp.arange(plan.canvas_hw[0])[:, None], xp.arange(plan.canvas_hw[1])[None, :]
+    real = xp.zeros(plan.canvas_hw, bool)
+    for k, (y, x) in enumerate(plan.places):
+        real = real | ((rows >= y) & (rows < y + lhw[k, 0]) & (cols >= x) & (cols < x + lhw[k, 1]))
+    return real
 
 
-def _level_place(plan: PyramidPlan, k: int) -> tuple[int, int]:
-    """(group index, first row within that group) of level k."""
-    oy = plan.offsets[k]
-    g = next(i for i, (r0, r1, _) in enumerate(plan.groups) if r0 <= oy < r1)
-    return g, oy - plan.groups[g][0]
-
-
-def level_views(groups: list[Array], level_hw_Lx2: np.ndarray, plan: PyramidPlan) -> list[Array]:
+def level_views(canvas: Array, level_hw_Lx2: np.ndarray, plan: PyramidPlan) -> list[Array]:
     """The levels as separate arrays of their real sizes (readable path, host)."""
-    out = []
-    for k, (h, w) in enumerate(np.asarray(level_hw_Lx2).tolist()):
-        g, row = _level_place(plan, k)
-        out.append(groups[g][row : row + h, :w])
-    return out
+    sizes = np.asarray(level_hw_Lx2).tolist()
+    return [canvas[oy : oy + h, ox : ox + w] for (h, w), (oy, ox) in zip(sizes, plan.places)]
 
 
 def image_plan(sizes_Bx2: np.ndarray, bucket_hw: tuple[int, int], config: CascadeConfig):
-    """Per-image runtime inputs of the jitted cascade for a bucket: real level sizes (B, L, 2), which levels each image uses,
-    and the levels' resampling taps (`level_taps`, each with a leading B)."""
+    """Per-image runtime inputs of the jitted cascade for a bucket: real level sizes (B, L, 2), which levels
+    each image uses, and the levels' resampling taps (`level_taps`, each with a leading B)."""
     plan = PyramidPlan.of(*bucket_hw, config)
     n = len(plan.scales)
     level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2]).reshape(-1, n, 2)
