@@ -23,7 +23,7 @@ from mtcnn_jax import nets
 from mtcnn_jax.buckets import bucket_capacities
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.crops import CropSources, crop_patches, crop_sources
-from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_masks, mip_pyramid, pnet_map_size
+from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_masks, pnet_map_size
 from mtcnn_jax.stages import INPUT_SIZE
 
 
@@ -141,9 +141,8 @@ def pnet_stage(params, images_BxHxWx3, sizes_Bx2, level_hw_BxLx2, level_on_BxL, 
     rows = jnp.arange(hb)[None, :, None] < sizes_Bx2[:, 0, None, None]
     cols = jnp.arange(wb)[None, None, :] < sizes_Bx2[:, 1, None, None]
     images = jnp.where((rows & cols)[..., None], images_BxHxWx3, 0).astype(jnp.float32)  # zero padding
-    mips = _per_image(lambda im: mip_pyramid(im, plan.n_mips))(images)
-    canvas = _per_image(lambda im, hw, lhw, taps, m: build_levels(im, hw, lhw, plan, taps, m))(
-        images, sizes_Bx2, level_hw_BxLx2, taps_B, mips)
+    canvas = _per_image(lambda im, hw, lhw, taps: build_levels(im, hw, lhw, plan, taps))(
+        images, sizes_Bx2, level_hw_BxLx2, taps_B)
     real = _per_image(lambda lhw: level_masks(lhw, plan))(level_hw_BxLx2)
     out = nets.pnet(params["pnet"], nets.normalize(canvas), valid_mask=real)
     prob = nets.face_probability(out["logits"]).reshape(bsz, -1)

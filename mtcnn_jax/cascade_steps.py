@@ -18,7 +18,7 @@ from mtcnn_jax import boxes as bx
 from mtcnn_jax import nets
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.crops import crop_patches, crop_sources
-from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_sizes, level_views, mip_pyramid
+from mtcnn_jax.pyramid import PyramidPlan, build_levels, level_sizes, level_views
 from mtcnn_jax.stages import INPUT_SIZE
 
 Array = Any  # np.ndarray or jax.Array
@@ -55,8 +55,7 @@ def detect_steps(params: dict, image_HxWx3: np.ndarray, config: CascadeConfig = 
         return {"scales": [], "levels": [], "pnet_levels": [], "pnet": none, "rnet": none, "onet": none,
                 "landmarks": np.zeros((0, 5, 2), np.float32)}
     sizes = level_sizes(h, w, list(plan.scales))
-    mips = mip_pyramid(image, plan.n_mips)
-    levels = level_views(np.asarray(build_levels(image, np.array([h, w]), sizes, plan, mips=mips)), sizes, plan)
+    levels = level_views(np.asarray(build_levels(image, np.array([h, w]), sizes, plan)), sizes, plan)
     found = [_pnet_level_steps(params["pnet"], lvl, s, config) for lvl, s in zip(levels, plan.scales)]
     steps: dict[str, Any] = {"scales": list(plan.scales), "levels": levels, "pnet_levels": [
         {"boxes": f[0], "scores": f[1], "n_above_threshold": f[3]} for f in found]}

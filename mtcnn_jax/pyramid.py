@@ -190,26 +190,25 @@ def level_taps(image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan) -> tuple
     iy, ix = xp.clip(iy, 0, mip_hw[:, 0, None, None] - 1), xp.clip(ix, 0, mip_hw[:, 1, None, None] - 1)
     wy = wy / xp.clip(hw[0] - iy * block, 1, block)  # the real rows in each block row
     wx = wx / xp.clip(hw[1] - ix * block, 1, block)  # the real columns in each block column
-    atlas_row = [0] + [sum(h for h, _ in plan.mip_hw[1:j]) for j in range(1, plan.n_mips)]
+    atlas_row = {j: sum(plan.mip_hw[i][0] for i in js[: js.index(j)]) for js in _atlases(plan) for j in js}
     rows = xp.concatenate([atlas_row[j] + iy[k, :h] for k, (j, (h, _)) in enumerate(zip(plan.mips.tolist(),
                                                                                           plan.bufs))])
     return rows, xp.concatenate([wy[k, :h] for k, (h, _) in enumerate(plan.bufs)]), ix, wx
 
 
 def build_levels(image_HxWx3: Array, image_hw: Array, level_hw_Lx2: Array, plan: PyramidPlan,
-                 taps: tuple[Array, Array, Array, Array] | None = None, mips: list[Array] | None = None) -> Array:
+                 taps: tuple[Array, Array, Array, Array] | None = None) -> Array:
     """All pyramid levels (pixel units) in the plan's canvas (rows, width, 3): level k at plan.places[k],
     area-resampled to ceil(h * s) x ceil(w * s) from its mip (the 2^-j scale just larger than it); zero
-    elsewhere. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)` and `mips` the image's `mip_pyramid`
-    (at least plan.n_mips), each computed here when not given.
+    elsewhere. `taps` are `level_taps(image_hw, level_hw_Lx2, plan)`, computed here when not given.
     Separable, in few ops (XLA compiles each op of a bucket once, so fewer ops compile faster): the rows of
     all levels gathered at once from the image and at once from the smaller mips stacked (`_atlases`), then
     each level's columns from its rows."""
     xp = bx.xp_of(image_HxWx3, image_hw, level_hw_Lx2)
-    mips = mip_pyramid(image_HxWx3, plan.n_mips) if mips is None else mips
+    mips = mip_pyramid(image_HxWx3, plan.n_mips)
     rows_RxT, wy_RxT, ix, wx = level_taps(image_hw, level_hw_Lx2, plan) if taps is None else taps
     canvas, first = xp.zeros((*plan.canvas_hw, 3), xp.float32), 0
-    for js in _atlases(plan):
+    for js in _atlases(plan):  # levels come in order of their mips, so each atlas's rows are consecutive
         ks = [k for k in range(len(plan.bufs)) if plan.mips[k] in js]
         n_rows, width = sum(plan.bufs[k][0] for k in ks), plan.mip_hw[js[0]][1]
         atlas = xp.concatenate([xp.pad(mips[j], ((0, 0), (0, width - mips[j].shape[1]), (0, 0))) for j in js])
