@@ -15,7 +15,7 @@ grep -qx '/.device/' .git/info/exclude || echo '/.device/' >> .git/info/exclude
 rm -rf .device && mkdir -p .device/whl .device/reference
 # The image's Python is 3.12 (device README, KINDS.md); one version of each package.
 for package in tensorflow-datasets==4.9.10 array_record==0.8.6 dm-tree immutabledict simple_parsing \
-    docstring_parser tensorflow-metadata googleapis-common-protos termcolor toml lz4 av facenet-pytorch==2.6.0; do
+    docstring_parser tensorflow-metadata googleapis-common-protos termcolor toml importlib_resources lz4 av facenet-pytorch==2.6.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .device/whl "$package"

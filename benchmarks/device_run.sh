@@ -9,6 +9,7 @@
 # 2. issue 23: `bench_cascade.py --throughput`, 640x480 images/s at batch 1, 8, 32, 64, 256, end to end;
 # 3. issue 26: `bench_train.py`, train-step throughput of each stage;
 # 4. issue 27: `bench_video.py` at 720p on the clip, ours batched vs facenet-pytorch on the same GPU.
+# STEPS="detect compare throughput" runs only the steps named (a rerun on what is left of the device time).
 # Each step has its own time limit, so a slow one costs only its share; everything goes to $OUT/run.log
 # and each benchmark's JSON to $OUT. PYTHON=.venv/bin/python runs it on a CPU machine (a dry run).
 set -uo pipefail
@@ -24,14 +25,17 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MTCNN_JAX_DATA=$PWD/.device
 step() {  # step NAME SECONDS COMMAND...: runs it under its limit and says how it ended
   local name=$1 limit=$2; shift 2
+  [[ -z ${STEPS:-} || " $STEPS " == *" $name "* ]] || { echo "== $name: skipped (STEPS)"; return; }
   echo "== $name ($(date +%T), limit ${limit}s)"
   timeout "$limit" "$@"
   echo "== $name: exit $? at $(date +%T)"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-step devices 60 "$PY" -c "import jax; print(jax.__version__, jax.devices())"
-step detect 150 "$PY" -m mtcnn_jax.detect .device/reference --json "$OUT/gpu_reference.json" --overwrite
-step compare 30 "$PY" - "$OUT/gpu_reference.json" <<'PYCODE'
+step devices 45 "$PY" -c "import jax; print(jax.__version__, jax.devices())"
+"$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|numpy|pillow|torch) ' 
+step detect 140 "$PY" -m mtcnn_jax.detect .device/reference --json "$OUT/gpu_reference.json" --overwrite
+step detect-warm 45 "$PY" -m mtcnn_jax.detect .device/reference --json "$OUT/gpu_reference.json" --overwrite
+step compare 20 "$PY" - "$OUT/gpu_reference.json" <<'PYCODE'
 import json, sys
 import numpy as np
 cpu, gpu = (json.load(open(p)) for p in (".device/cpu_reference.json", sys.argv[1]))
@@ -49,7 +53,7 @@ print(f"largest difference {worst:.2e}:", "same detections" if worst < 1e-2 else
 sys.exit(0 if worst < 1e-2 else 1)
 PYCODE
 step throughput 150 "$PY" benchmarks/bench_cascade.py --throughput --no-peers --json "$OUT/throughput.json"
-step train 120 "$PY" benchmarks/bench_train.py --stages pnet rnet onet --sizes 60000 --memory-stage onet \
+step train 90 "$PY" benchmarks/bench_train.py --stages pnet rnet onet --sizes 60000 --memory-stage onet \
   --json "$OUT/train.json"
-step video 120 "$PY" benchmarks/bench_video.py --clip .device/clip720.mp4 --sizes 720x1280 --frames 120 \
+step video 90 "$PY" benchmarks/bench_video.py --clip .device/clip720.mp4 --sizes 720x1280 --frames 120 \
   --batches 1,8,32 --every 5 --peers-python "$PY" --peer-device cuda --json "$OUT/video.json"

@@ -24,6 +24,7 @@ import numpy as np
 from mtcnn_jax.boxes import LANDMARK_INDEX_OFFSET
 from mtcnn_jax.buckets import bucket_shape, pad_to_bucket
 from mtcnn_jax.images import ImageSource, load_image
+from mtcnn_jax.nets import PRECISION
 
 BORDERS = ("zeros", "edge")  # outside the image: black, or the nearest edge pixel repeated
 CUSTOM = "custom"  # the template name an Aligned of a user template carries
@@ -153,7 +154,7 @@ def similarity_matrices(src_Kx5x2: jax.Array, dst_5x2: jax.Array) -> jax.Array:
     a = (s[..., 0] * d[..., 0] + s[..., 1] * d[..., 1]).sum(axis=1) / var
     b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(axis=1) / var
     rot = jnp.stack([jnp.stack([a, -b], -1), jnp.stack([b, a], -1)], -2)  # K x 2 x 2
-    t = dst_mean - jnp.einsum("kij,kj->ki", rot, src_mean)
+    t = dst_mean - jnp.einsum("kij,kj->ki", rot, src_mean, precision=PRECISION)
     return jnp.concatenate([rot, t[..., None]], axis=-1)
 
 
@@ -164,7 +165,7 @@ def invert_affine(matrices_Kx2x3: jax.Array) -> jax.Array:
     a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
     det = a * d - b * c
     inv = jnp.stack([jnp.stack([d, -b], -1), jnp.stack([-c, a], -1)], -2) / det[:, None, None]
-    return jnp.concatenate([inv, -jnp.einsum("kij,kj->ki", inv, m[:, :, 2])[..., None]], axis=-1)
+    return jnp.concatenate([inv, -jnp.einsum("kij,kj->ki", inv, m[:, :, 2], precision=PRECISION)[..., None]], axis=-1)
 
 
 @jax.jit

@@ -36,23 +36,26 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
     return {"xla_cpu_use_fusion_emitters": False} if (platform or jax.default_backend()) == "cpu" else {}
 
 
+def _struct(a: Any, shape: tuple | None = None) -> jax.ShapeDtypeStruct:
+    """`a`'s shape (or `shape`) and its dtype as JAX holds it (host int64 arrays become int32 without x64)."""
+    return jax.ShapeDtypeStruct(np.shape(a) if shape is None else shape, jax.dtypes.canonicalize_dtype(a.dtype))
+
+
 def bucket_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes (`jax.ShapeDtypeStruct`s) of `cascade_fn`'s arguments for one bucket."""
-    struct = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
-    batched = lambda a: jax.ShapeDtypeStruct((batch, *np.shape(a)[1:]), a.dtype)  # noqa: E731
+    batched = lambda a: _struct(a, (batch, *np.shape(a)[1:]))  # noqa: E731
     one_image = image_plan(np.array([bucket_hw], np.int32), bucket_hw, config)  # per-image shapes, batch 1
     images = jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8)
     sizes = jax.ShapeDtypeStruct((batch, 2), np.int32)
     plan = PyramidPlan.of(*bucket_hw, config)
-    return (jax.tree_util.tree_map(struct, params), images, sizes, *jax.tree_util.tree_map(batched, one_image),
-            *jax.tree_util.tree_map(struct, plan.cells))
+    return (jax.tree_util.tree_map(_struct, params), images, sizes, *jax.tree_util.tree_map(batched, one_image),
+            *jax.tree_util.tree_map(_struct, plan.cells))
 
 
 def redetect_arguments(params: dict, bucket_hw: tuple[int, int], batch: int, config: CascadeConfig) -> tuple:
     """The shapes and dtypes of `redetect_fn`'s arguments for one bucket: the previous faces in
     `cascade.REDETECT_FACES` slots per image."""
-    struct = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
-    return (jax.tree_util.tree_map(struct, params), jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8),
+    return (jax.tree_util.tree_map(_struct, params), jax.ShapeDtypeStruct((batch, *bucket_hw, 3), np.uint8),
             jax.ShapeDtypeStruct((batch, 2), np.int32), jax.ShapeDtypeStruct((batch, REDETECT_FACES, 4), np.float32),
             jax.ShapeDtypeStruct((batch, REDETECT_FACES), np.bool_))
 
@@ -116,7 +119,7 @@ def compiled_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, confi
     def compile_stage(stage: str, shape: tuple) -> Callable:
         def describe(*arguments):  # compiles the stage for these argument shapes; returns its output shapes
             programs[stage] = _program((stage, shape, batch, config, signature), fns[stage], arguments)
-            return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), programs[stage].out_info)
+            return jax.tree_util.tree_map(_struct, programs[stage].out_info)
         return describe
 
     first = (redetect_arguments if upto == REDETECT else bucket_arguments)(params, bucket_hw, batch, config)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from mtcnn_jax import boxes as bx
+from mtcnn_jax.nets import PRECISION
 
 Array = Any  # np.ndarray or jax.Array
 
@@ -140,5 +141,10 @@ def crop_patches(src: CropSources, boxes_Nx4: Array, out: int) -> Array:
     # The two kinds of runs stay apart, weighted each by its own columns: interleaving them back into one
     # grid is a copy that doubled the crops' time on XLA:CPU.
     wy, wx = {"e": wy[..., 0::2], "o": wy[..., 1::2]}, {"e": wx[..., 0::2], "o": wx[..., 1::2]}
-    rows = {c: sum(xp.einsum("nyp,npqc->nyqc", wy[r], sums[r + c]) for r in "eo") for c in "eo"}
-    return sum(xp.einsum("nxq,nyqc->nyxc", wx[c], rows[c]) for c in "eo")
+    rows = {c: sum(_einsum(xp, "nyp,npqc->nyqc", wy[r], sums[r + c]) for r in "eo") for c in "eo"}
+    return sum(_einsum(xp, "nxq,nyqc->nyxc", wx[c], rows[c]) for c in "eo")
+
+
+def _einsum(xp: Any, spec: str, *operands: Array) -> Array:
+    """`xp.einsum` with float32 products on every backend (`nets.PRECISION`)."""
+    return xp.einsum(spec, *operands) if xp is np else xp.einsum(spec, *operands, precision=PRECISION)

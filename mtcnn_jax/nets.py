@@ -25,6 +25,10 @@ from mtcnn_jax.stages import INPUT_SIZE, STAGES
 
 Params = Any  # a nested dict of arrays, one per net
 
+# Float32 products on every backend, as in the original (Caffe, float32): GPUs would otherwise multiply in
+# TF32 (a 10-bit mantissa), which moves a large face's box by pixels against the CPU's detections.
+PRECISION = jax.lax.Precision.HIGHEST
+
 
 
 def normalize(images_uint8: jax.Array) -> jax.Array:
@@ -64,7 +68,8 @@ def _conv_as_matmul(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Arra
     k, _, c, f = kernel_KxKxCxF.shape
     h, w = x_NxHxWxC.shape[-3] - k + 1, x_NxHxWxC.shape[-2] - k + 1
     shifted = [x_NxHxWxC[..., i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
-    return jnp.concatenate(shifted, axis=-1) @ kernel_KxKxCxF.reshape(k * k * c, f)  # (i, j, c) order
+    patches = jnp.concatenate(shifted, axis=-1)  # (i, j, c) order
+    return jnp.matmul(patches, kernel_KxKxCxF.reshape(k * k * c, f), precision=PRECISION)
 
 
 # How `conv_valid` evaluates a layer on CPU. The sums are the same; the speed on XLA:CPU is not, and it
@@ -79,7 +84,7 @@ CONV_FORMS = ("conv", "im2col", "conv16")
 
 def _lax_conv(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x_NxHxWxC, kernel_KxKxCxF, (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=PRECISION)
 
 
 def _conv16(x_NxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
@@ -122,6 +127,9 @@ def _conv_valid_jvp(form, primals, tangents):
         terms.append(_on_cpu("im2col", x, dkernel))
     out = conv_valid(x, kernel, form)
     return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+Dense = functools.partial(nn.Dense, precision=PRECISION)
 
 
 class Conv(nn.Module):
@@ -179,8 +187,8 @@ class RNet(nn.Module):
         x = max_pool_ceil(ConvPReLU(48, 3, name="conv2")(x), 3, 2)
         x = ConvPReLU(64, 2, name="conv3")(x)
         x = x.reshape(x.shape[:-3] + (math.prod(x.shape[-3:]),))  # (..., 3*3*64 = 576), row-major (h, w, c)
-        x = PReLU(name="prelu4")(nn.Dense(128, name="fc4")(x))
-        return {"logits": nn.Dense(2, name="cls")(x), "box": nn.Dense(4, name="box")(x)}
+        x = PReLU(name="prelu4")(Dense(128, name="fc4")(x))
+        return {"logits": Dense(2, name="cls")(x), "box": Dense(4, name="box")(x)}
 
 
 class ONet(nn.Module):
@@ -193,13 +201,13 @@ class ONet(nn.Module):
         x = max_pool_ceil(ConvPReLU(64, 3, name="conv3")(x), 2, 2)
         x = ConvPReLU(128, 2, name="conv4")(x)
         x = x.reshape(x.shape[:-3] + (math.prod(x.shape[-3:]),))  # (..., 1152), row-major (h, w, c)
-        x = nn.Dense(256, name="fc5")(x)
+        x = Dense(256, name="fc5")(x)
         x = nn.Dropout(0.25, deterministic=deterministic)(x)  # det3.prototxt: drop5 before prelu5
         x = PReLU(name="prelu5")(x)
         return {
-            "logits": nn.Dense(2, name="cls")(x),
-            "box": nn.Dense(4, name="box")(x),
-            "landmarks": nn.Dense(10, name="landmarks")(x),
+            "logits": Dense(2, name="cls")(x),
+            "box": Dense(4, name="box")(x),
+            "landmarks": Dense(10, name="landmarks")(x),
         }
 
 
