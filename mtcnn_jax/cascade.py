@@ -161,6 +161,19 @@ def shared_slots(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def table_slot(bucket_hw: tuple[int, int]) -> tuple[int, int]:
+    """The size the crop sources of a bucket cover: each side's next power of two, so that buckets of one slot
+    share R-Net's and O-Net's crop programs (`crop_sources`' `table_hw`)."""
+    return shared_slots(bucket_hw[0]), shared_slots(bucket_hw[1])
+
+
+def sources_stage(images_BxHxWx3, sizes_Bx2) -> CropSources:
+    """The images' crop sources in their `table_slot`, from the 8-bit pixels (exact integer sums); R-Net's and
+    O-Net's crops read them."""
+    slot = table_slot(images_BxHxWx3.shape[1:3])
+    return _per_image(lambda im, hw: crop_sources(im, hw, slot))(images_BxHxWx3, sizes_Bx2)
+
+
 def _crops(srcs: CropSources, boxes_BxNx4, valid_BxN, stage: str, chunk: int):
     """The stage net's crops (B, N, size, size, 3) of the valid boxes, zero in the other slots."""
     size = INPUT_SIZE[stage]
@@ -168,14 +181,12 @@ def _crops(srcs: CropSources, boxes_BxNx4, valid_BxN, stage: str, chunk: int):
     return _run_in_chunks(fn, boxes_BxNx4, valid_BxN, chunk, {"crops": ((size, size, 3), jnp.float32)})["crops"]
 
 
-def rnet_crops(images_BxHxWx3, sizes_Bx2, boxes_BxNx4, valid_BxN, config: CascadeConfig) -> tuple[dict, CropSources]:
-    """R-Net's 24 x 24 crops of the candidates, with the candidates, in `shared_slots(N)` slots; and the
-    images' crop sources, which O-Net's crops read too."""
-    srcs = _per_image(crop_sources)(images_BxHxWx3, sizes_Bx2)  # from the 8-bit pixels: exact integer sums
+def rnet_crops(srcs: CropSources, boxes_BxNx4, valid_BxN, config: CascadeConfig) -> dict:
+    """R-Net's 24 x 24 crops of the candidates, with the candidates, in `shared_slots(N)` slots."""
     pad = shared_slots(valid_BxN.shape[1]) - valid_BxN.shape[1]
     boxes = jnp.pad(boxes_BxNx4, ((0, 0), (0, pad), (0, 0)))
     valid = jnp.pad(valid_BxN, ((0, 0), (0, pad)))
-    return {"crops": _crops(srcs, boxes, valid, "rnet", config.net_chunk), "boxes": boxes, "valid": valid}, srcs
+    return {"crops": _crops(srcs, boxes, valid, "rnet", config.net_chunk), "boxes": boxes, "valid": valid}
 
 
 def onet_crops(srcs: CropSources, boxes_BxRx4, valid_BxR, config: CascadeConfig):
@@ -210,29 +221,31 @@ def onet_stage(params, crops_BxRx48x48x3, boxes_BxRx4, valid_BxR, config: Cascad
 
 
 REDETECT = "redetect"  # `run_stages`' first stage for re-detection (video), instead of "pnet"
-STAGE_FUNCTIONS = {"pnet": pnet_stage, "pnet_nms": pnet_nms, "rnet_crops": rnet_crops, "rnet": rnet_stage,
-                   "onet_crops": onet_crops, "onet": onet_stage}
+STAGE_FUNCTIONS = {"pnet": pnet_stage, "pnet_nms": pnet_nms, "sources": sources_stage, "rnet_crops": rnet_crops,
+                   "rnet": rnet_stage, "onet_crops": onet_crops, "onet": onet_stage}
 
 
 def stage_functions(config: CascadeConfig, bucket_hw: tuple[int, int]) -> dict[str, Callable]:
     """`STAGE_FUNCTIONS` for `run_stages` with the config bound, and the P-Net NMS's slots for this bucket;
     REDETECT's `redetect_stage` beside them."""
-    fns = {name: functools.partial(fn, config=config) for name, fn in STAGE_FUNCTIONS.items()}
+    fns = {name: functools.partial(fn, config=config) for name, fn in STAGE_FUNCTIONS.items() if name != "sources"}
     fns["pnet_nms"] = functools.partial(fns["pnet_nms"], slots=shared_slots(bucket_capacities(config, *bucket_hw)[1]))
-    return {**fns, REDETECT: redetect_stage}
+    return {**fns, "sources": sources_stage, REDETECT: redetect_stage}
 
 
 def run_stages(stages: dict[str, Callable], params, images_BxHxWx3, sizes_Bx2, first_args: tuple, upto: str) -> dict:
     """The cascade through `stages` (`stage_functions`, or their compiled programs), stopping after `upto`:
     the candidates of "pnet" and "pnet_nms" on the images and `first_args` (or of REDETECT on `first_args`),
-    then R-Net's crops, R-Net, O-Net's crops and O-Net. The overflow counts of every stage run are merged."""
+    then the images' crop sources, R-Net's crops, R-Net, O-Net's crops and O-Net. The overflow counts of every
+    stage run are merged."""
     if upto == REDETECT:
         cands = stages[REDETECT](*first_args)
     else:
         cands = stages["pnet_nms"](stages["pnet"](params, images_BxHxWx3, sizes_Bx2, *first_args))
     if upto == "pnet":
         return cands
-    c, srcs = stages["rnet_crops"](images_BxHxWx3, sizes_Bx2, cands["boxes"], cands["valid"])
+    srcs = stages["sources"](images_BxHxWx3, sizes_Bx2)
+    c = stages["rnet_crops"](srcs, cands["boxes"], cands["valid"])
     r = stages["rnet"](params, c["crops"], c["boxes"], c["valid"])
     overflow = {**cands["overflow"], **r["overflow"]}
     if upto == "rnet":

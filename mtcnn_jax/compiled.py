@@ -23,7 +23,7 @@ import numpy as np
 from mtcnn_jax import compile_cache
 from mtcnn_jax.buckets import Bucket, bucket_capacities
 from mtcnn_jax.cascade import (REDETECT, REDETECT_FACES, REDETECT_OFFSETS, cascade_fn, run_stages, shared_slots,
-                              stage_functions)
+                              stage_functions, table_slot)
 from mtcnn_jax.cascade_config import CascadeConfig
 from mtcnn_jax.pyramid import PyramidPlan, image_plan
 from mtcnn_jax.stages import INPUT_SIZE, STAGES
@@ -76,9 +76,10 @@ def export_cascade(params: dict, bucket_hw: tuple[int, int], batch: int, config:
 
 def stage_chain(bucket_hw: tuple[int, int], config: CascadeConfig, upto: str) -> list[tuple]:
     """The programs `compiled_cascade` runs in a row, as (stage, shape): the shape is what the stage's
-    arrays depend on besides the batch size and config: the bucket (and the candidates' slots) for the
-    stages that read the images, the slots for P-Net's NMS and R-Net, nothing for O-Net and re-detection's
-    candidates. So P-Net's NMS, R-Net and O-Net compile once for every bucket of the same slots."""
+    arrays depend on besides the batch size and config: the bucket for the stages that read the images, the
+    crop sources' `table_slot` (and the candidates' slots) for the crops, the slots for P-Net's NMS and R-Net,
+    nothing for O-Net and re-detection's candidates. So a new bucket of seen slots compiles only its P-Net
+    program and its crop sources'."""
     window_capacity, pnet_capacity = bucket_capacities(config, *bucket_hw)
     if upto == REDETECT:
         candidates, chain = REDETECT_FACES * len(REDETECT_OFFSETS), [(REDETECT, ())]
@@ -86,9 +87,11 @@ def stage_chain(bucket_hw: tuple[int, int], config: CascadeConfig, upto: str) ->
         candidates = shared_slots(pnet_capacity)
         chain = [("pnet", tuple(bucket_hw)), ("pnet_nms", (shared_slots(window_capacity), candidates))]
     if upto != "pnet":
-        chain += [("rnet_crops", (tuple(bucket_hw), candidates)), ("rnet", (shared_slots(candidates),))]
+        slot = table_slot(bucket_hw)
+        chain += [("sources", tuple(bucket_hw)), ("rnet_crops", (slot, candidates)),
+                  ("rnet", (shared_slots(candidates),))]
     if upto not in ("pnet", "rnet"):
-        chain += [("onet_crops", tuple(bucket_hw)), ("onet", ())]
+        chain += [("onet_crops", slot), ("onet", ())]
     return chain
 
 

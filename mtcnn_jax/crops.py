@@ -34,7 +34,7 @@ class CropSources:
 
     @property
     def hw(self) -> tuple[int, int]:
-        """The image size (H, W) the tables cover (the bucket's, in the jitted cascade)."""
+        """The image size (H, W) the tables cover (`cascade.table_slot` of the bucket, in the jitted cascade)."""
         return self.sums.shape[0] - 3, self.sums.shape[1] - 3
 
 
@@ -63,17 +63,24 @@ def _table(values_HxWxC: Array, dtype) -> Array:
     return xp.pad(_prefix(_prefix(padded, 0), 1), ((1, 0), (1, 0), (0, 0)))
 
 
-def crop_sources(image_HxWx3: Array, image_hw: Array) -> CropSources:
-    """The crop sources of an image (any array; pixels non-negative) zero outside its real h x w."""
+def crop_sources(image_HxWx3: Array, image_hw: Array, table_hw: tuple[int, int] | None = None) -> CropSources:
+    """The crop sources of an image (any array; pixels non-negative) zero outside its real h x w. With
+    `table_hw` (at least the array's H x W) the tables cover that size: past the image they repeat their last
+    lines, so every read there equals the clamped read and crops are the same; crops of all arrays up to one
+    table size then compile as one program."""
     xp = bx.xp_of(image_HxWx3, image_hw)
     image = xp.asarray(image_HxWx3)
     hw = xp.asarray(image_hw)
     real = (xp.arange(image.shape[0])[:, None] < hw[0]) & (xp.arange(image.shape[1])[None, :] < hw[1])
     image = xp.where(real[..., None], image, xp.zeros((), image.dtype))
+    grow = (0, 0) if table_hw is None else (table_hw[0] - image.shape[0], table_hw[1] - image.shape[1])
+    if min(grow) < 0:
+        raise ValueError(f"table_hw {table_hw} is smaller than the image array {image.shape[:2]}")
+    table = lambda v, dtype: xp.pad(_table(v, dtype), ((0, grow[0]), (0, grow[1]), (0, 0)), mode="edge")  # noqa: E731
     if xp.issubdtype(image.dtype, xp.integer):
-        return CropSources(_table(image, xp.uint32), None)
+        return CropSources(table(image, xp.uint32), None)
     whole = xp.rint(image)
-    return CropSources(_table(whole, xp.uint32), _table(image.astype(xp.float32) - whole, xp.float32))
+    return CropSources(table(whole, xp.uint32), table(image.astype(xp.float32) - whole, xp.float32))
 
 
 def _axis_weights(start_N: Array, length_N: Array, out: int, size: int) -> tuple[Array, Array]:

@@ -144,21 +144,22 @@ def empty_compile_cache(tmp_path):
 def test_stage_programs_equal_the_whole_cascade_and_buckets_share_them(original_weights, shared_data, compiles,
                                                                        empty_compile_cache):
     """The compiled stages in a row give exactly what `cascade_fn` jitted as one program gives; a second
-    bucket of the same slots compiles only its own three programs (pyramid and P-Net, R-Net's crops,
-    O-Net's crops): the P-Net NMS, R-Net and O-Net programs serve both."""
+    bucket of the same slots and table slot compiles only its own two programs (pyramid and P-Net, crop
+    sources): the P-Net NMS, both crops, R-Net and O-Net programs serve both."""
     config = CascadeConfig(min_face_size=16)  # a config no other test compiles
     photo = Image.open(shared_data / "reference" / "multiface.jpg").convert("RGB")
     image = np.asarray(photo.resize((170, round(170 * photo.height / photo.width))))
     first = compiles.count
-    compiled.detect_bucket(original_weights, *buckets.pad_to_bucket([image[:100, :120]], (128, 128)), config)
+    compiled.detect_bucket(original_weights, *buckets.pad_to_bucket([image[:80, :150]], (128, 192)), config)
     second = compiles.count
-    images, sizes = buckets.pad_to_bucket([image], (128, 192))
+    assert cascade.table_slot((128, 192)) == cascade.table_slot((96, 256)) == (128, 256)
+    images, sizes = buckets.pad_to_bucket([image], (96, 256))
     out = compiled.detect_bucket(original_weights, images, sizes, config)
-    assert second - first == len(compiled.stage_chain((128, 128), config, "onet")) == 6
-    assert compiles.count - second == 3
-    level_hw, level_on, taps = image_plan(sizes, (128, 192), config)
+    assert second - first == len(compiled.stage_chain((128, 192), config, "onet")) == 7
+    assert compiles.count - second == 2
+    level_hw, level_on, taps = image_plan(sizes, (96, 256), config)
     whole = jax.jit(cascade.cascade_fn, static_argnames="config")(
-        original_weights, images, sizes, level_hw, level_on, taps, *PyramidPlan.of(128, 192, config).cells,
+        original_weights, images, sizes, level_hw, level_on, taps, *PyramidPlan.of(96, 256, config).cells,
         config=config)
     assert out["valid"].sum() >= 2 and out["overflow"].keys() == whole["overflow"].keys()
     for got, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(whole)):

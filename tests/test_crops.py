@@ -105,6 +105,24 @@ def test_crop_patches_reads_the_original_pixels_and_zeros_outside():
     np.testing.assert_allclose(half, image[4:52, 2:50].reshape(24, 2, 24, 2, 3).mean(axis=(1, 3)), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_tables_grown_to_a_larger_size_give_the_same_crops(dtype):
+    """Sources whose tables cover a larger size (`table_hw`, as the cascade's table slots) crop exactly what
+    the image's own tables crop, boxes past every edge included; a size smaller than the array is refused."""
+    rng = np.random.default_rng(5)
+    image = (rng.integers(0, 256, (40, 56, 3)) + (0.25 if dtype == np.float32 else 0)).astype(dtype)
+    hw = np.array([33, 50])  # real pixels; the rest of the array is padding
+    boxes = np.array([[1, 1, 56, 40], [-20, -9, 30, 25], [40, 20, 75, 61], [45, 30, 47.5, 31.5]], np.float32)
+    own, grown = crops.crop_sources(image, hw), crops.crop_sources(image, hw, (64, 128))
+    assert grown.hw == (64, 128) and (grown.residual is None) == (dtype == np.uint8)
+    for out in (24, 48):
+        np.testing.assert_array_equal(crops.crop_patches(grown, boxes, out), crops.crop_patches(own, boxes, out))
+        jitted = jax.jit(lambda im, b, t: crops.crop_patches(crops.crop_sources(im, hw, t), b, out), static_argnums=2)
+        np.testing.assert_array_equal(jitted(image, boxes, (64, 128)), jitted(image, boxes, None))
+    with pytest.raises(ValueError, match="smaller than the image"):
+        crops.crop_sources(image, hw, (32, 128))
+
+
 def test_box_sums_of_a_large_bright_image_stay_exact():
     """The uint32 table wraps past 2^32 on a 4096 x 4096 white image, yet every box sum is exact."""
     image = np.full((4096, 4096, 3), 255, np.uint8)
