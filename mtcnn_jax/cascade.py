@@ -228,9 +228,10 @@ STAGE_FUNCTIONS = {"pnet": pnet_stage, "pnet_nms": pnet_nms, "sources": sources_
 def stage_functions(config: CascadeConfig, bucket_hw: tuple[int, int]) -> dict[str, Callable]:
     """`STAGE_FUNCTIONS` for `run_stages` with the config bound, and the P-Net NMS's slots for this bucket;
     REDETECT's `redetect_stage` beside them."""
-    fns = {name: functools.partial(fn, config=config) for name, fn in STAGE_FUNCTIONS.items() if name != "sources"}
+    fns = {name: fn if fn is sources_stage else functools.partial(fn, config=config)
+           for name, fn in STAGE_FUNCTIONS.items()}
     fns["pnet_nms"] = functools.partial(fns["pnet_nms"], slots=shared_slots(bucket_capacities(config, *bucket_hw)[1]))
-    return {**fns, "sources": sources_stage, REDETECT: redetect_stage}
+    return {**fns, REDETECT: redetect_stage}
 
 
 def run_stages(stages: dict[str, Callable], params, images_BxHxWx3, sizes_Bx2, first_args: tuple, upto: str) -> dict:
