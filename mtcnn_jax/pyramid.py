@@ -260,11 +260,15 @@ def level_views(canvas: Array, level_hw_Lx2: np.ndarray, plan: PyramidPlan) -> l
 
 def image_plan(sizes_Bx2: np.ndarray, bucket_hw: tuple[int, int], config: CascadeConfig):
     """Per-image runtime inputs of the jitted cascade for a bucket: real level sizes (B, L, 2), which levels
-    each image uses, and the levels' resampling taps (`level_taps`, each with a leading B)."""
+    each image uses, and the levels' resampling taps (`level_taps`, each with a leading B). Computed once per
+    distinct size: a batch of same-size images (video frames, a camera's photos) costs one."""
     plan = PyramidPlan.of(*bucket_hw, config)
     n = len(plan.scales)
-    level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Bx2]).reshape(-1, n, 2)
-    used = [len(pyramid_scales(int(h), int(w), config.min_face_size, config.scale_factor)) for h, w in sizes_Bx2]
-    taps = [level_taps(np.asarray(hw), lhw, plan) for hw, lhw in zip(sizes_Bx2, level_hw)]
-    return level_hw, np.arange(n)[None, :] < np.array(used)[:, None], tuple(np.stack(t) for t in zip(*taps))
+    sizes_Ux2, image_B = np.unique(np.asarray(sizes_Bx2).reshape(-1, 2), axis=0, return_inverse=True)
+    level_hw = np.stack([level_sizes(int(h), int(w), list(plan.scales)) for h, w in sizes_Ux2]).reshape(-1, n, 2)
+    used = [len(pyramid_scales(int(h), int(w), config.min_face_size, config.scale_factor)) for h, w in sizes_Ux2]
+    taps = [level_taps(hw, lhw, plan) for hw, lhw in zip(sizes_Ux2, level_hw)]
+    image_B = image_B.reshape(-1)
+    level_on = np.arange(n)[None, :] < np.array(used)[:, None]
+    return level_hw[image_B], level_on[image_B], tuple(np.stack(t)[image_B] for t in zip(*taps))
 

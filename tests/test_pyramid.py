@@ -67,3 +67,18 @@ def test_levels_are_area_averages_of_the_real_pixels(hw, bucket):
     build = jax.jit(lambda im, hw, lhw, taps: pyramid.build_levels(im, hw, lhw, plan, taps))
     jitted = build(image, jnp.asarray(hw), jnp.asarray(level_hw), pyramid.level_taps(np.array(hw), level_hw, plan))
     np.testing.assert_allclose(np.asarray(jitted), canvas, rtol=1e-5, atol=1e-3)
+
+
+def test_image_plan_of_a_batch_gives_each_image_its_own_plan():
+    """Repeated and distinct sizes in one batch, in any order (the plan is computed once per distinct size):
+    each row equals the plan of that image alone, and the levels it uses are those its own size allows."""
+    config, bucket = CascadeConfig(), (96, 128)
+    sizes = np.array([[90, 120], [40, 64], [90, 120], [96, 128], [40, 64]], np.int32)
+    whole = pyramid.image_plan(sizes, bucket, config)
+    for i, size in enumerate(sizes):
+        alone = pyramid.image_plan(size[None], bucket, config)
+        for got, want in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_array_equal(got[i], want[0])
+    used = [len(pyramid.pyramid_scales(h, w, config.min_face_size, config.scale_factor)) for h, w in sizes]
+    np.testing.assert_array_equal(whole[1].sum(axis=1), used)
+    assert used[1] < used[0] <= used[3]
